@@ -71,10 +71,10 @@ qm_scim_npm() {
     fi
     if [[ -f "$dir/package-lock.json" ]]; then
         qm_log "scim peer: npm ci in deploy/local/scim"
-        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error 2>&1) | sed '/^$/d; s/^/[qm]   npm: /'
     else
         qm_log "scim peer: npm install in deploy/local/scim (no lockfile)"
-        (cd "$dir" && npm install --no-audit --no-fund --loglevel=error)
+        (cd "$dir" && npm install --no-audit --no-fund --loglevel=error 2>&1) | sed '/^$/d; s/^/[qm]   npm: /'
         want="$(cat "$dir/package.json" "$dir/package-lock.json" 2>/dev/null | sha256sum | cut -d' ' -f1)"
     fi
     printf '%s\n' "$want" >"$stamp"
