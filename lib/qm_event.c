@@ -73,3 +73,21 @@ void qm_event_meta_init(qm_event_meta_t *meta, const char *service, const char *
   qm_strlcpy(meta->content_type, QM_CONTENT_TYPE_PROTOBUF, sizeof(meta->content_type));
   qm_traceparent_child(parent_traceparent, meta->traceparent, sizeof(meta->traceparent));
 }
+
+bool qm_event_header(const qm_event_in_t *ev, const char *name, char *out, size_t out_size) {
+  for (size_t i = 0; i < ev->n_headers; i++) {
+    if (strcmp(ev->headers[i].name, name) != 0) continue;
+    if (out_size > 0) {
+      size_t n = ev->headers[i].value_len < out_size - 1 ? ev->headers[i].value_len : out_size - 1;
+      if (n) memcpy(out, ev->headers[i].value, n);
+      out[n] = '\0';
+    }
+    return true;
+  }
+  return false;
+}
+
+bool qm_event_topic_is_dlq(const char *topic) {
+  size_t n = strlen(topic), s = strlen(".dlq");
+  return n > s && strcmp(topic + n - s, ".dlq") == 0;
+}

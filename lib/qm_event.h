@@ -75,6 +75,13 @@ typedef struct qm_event_in {
 void qm_event_meta_init(qm_event_meta_t *meta, const char *service, const char *type,
                         const char *subject, const char *parent_traceparent);
 
+/* The value of the first header named name (case-sensitive) of ev, copied as
+ * text into out (truncated, NUL-terminated). true when present. */
+bool qm_event_header(const qm_event_in_t *ev, const char *name, char *out, size_t out_size);
+
+/* True when topic names a dead-letter topic ("<topic>.dlq"). */
+bool qm_event_topic_is_dlq(const char *topic);
+
 /* W3C trace context. A traceparent is "00-<32 hex trace>-<16 hex span>-<2 hex flags>". */
 bool qm_traceparent_valid(const char *tp);
 /* A new traceparent: same trace id as parent (when valid), a new span id;

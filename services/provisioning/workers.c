@@ -1,0 +1,340 @@
+/*
+ * workers: the threads that apply grant operations to the directory. Each
+ * worker owns one database connection; the directory client is shared.
+ *
+ * An operation is claimed with a lease (so a crashed worker's operation is
+ * taken over when the lease runs out), only when no older pending operation
+ * exists for the same person and group (so a grant and a later revoke apply
+ * in order), and finished under "WHERE state = 'pending'" so that, whatever
+ * crashes or races happen, exactly one transaction records its outcome and
+ * publishes its event.
+ */
+#include "provisioning.h"
+
+#include "qm_common.h"
+#include "qm_config.h"
+#include "qm_log.h"
+#include "qm_pg.h"
+#include "qm_topics.h"
+
+#include "qm/v1/access.pb-c.h"
+#include "qm/v1/decisions.pb-c.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CLAIM_BATCH 16
+
+typedef struct grant_op {
+  int64_t id;
+  char op[16];
+  int attempts;
+  char grant_id[40], request_id[40], person_id[130], username[260], item_id[130], role_id[130],
+      grp[260], connector[130], traceparent[64];
+  int line_no;
+  int duration_days;
+  unsigned char *approved; /* packed RequestApproved */
+  size_t approved_len;
+} grant_op_t;
+
+typedef struct worker_ctx {
+  prov_t *prov;
+  int index;
+} worker_ctx_t;
+
+static void copy_field(const qm_pg_result_t *res, int row, const char *name, char *out, size_t n) {
+  qm_strlcpy(out, qm_pg_get(res, row, qm_pg_fnumber(res, name)), n);
+}
+
+/* Claims up to CLAIM_BATCH due operations; returns how many (or < 0). */
+static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
+  const qm_config_t *cfg = qm_service_config(prov->svc);
+  qm_pg_param_t p[] = {QM_PG_INT64(qm_config_ms(cfg, "QM_PROVISIONING_LEASE")),
+                       QM_PG_INT64(CLAIM_BATCH)};
+  qm_pg_result_t *res = NULL;
+  char errstr[512];
+  int rc = qm_pg_exec(
+      pg,
+      "UPDATE grant_ops o SET lease_until = now() + make_interval(secs => $1::bigint / 1000.0),"
+      " attempts = o.attempts + 1"
+      " FROM grants g"
+      " WHERE g.grant_id = o.grant_id AND o.id IN ("
+      "  SELECT o1.id FROM grant_ops o1"
+      "  WHERE o1.state = 'pending' AND o1.next_attempt_at <= now()"
+      "   AND (o1.lease_until IS NULL OR o1.lease_until < now())"
+      "   AND NOT EXISTS (SELECT 1 FROM grant_ops o2 WHERE o2.person_id = o1.person_id"
+      "    AND o2.grp = o1.grp AND o2.state = 'pending' AND o2.id < o1.id)"
+      "  ORDER BY o1.next_attempt_at, o1.id LIMIT $2::int FOR UPDATE SKIP LOCKED)"
+      " RETURNING o.id, o.op, o.attempts, g.grant_id, g.request_id, g.line_no, g.person_id,"
+      " g.directory_username, g.item_id, g.role_id, g.grp, g.connector, g.duration_days,"
+      " g.approved, coalesce(g.traceparent, '') AS traceparent",
+      p, 2, &res, errstr, sizeof(errstr));
+  if (rc != QM_OK) {
+    if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+    qm_log_warn("claiming grant operations failed: %s (retrying)", errstr);
+    return -1;
+  }
+  int n = qm_pg_ntuples(res);
+  for (int i = 0; i < n; i++) {
+    grant_op_t *o = &ops[i];
+    memset(o, 0, sizeof(*o));
+    int64_t v = 0;
+    qm_pg_get_int64(res, i, qm_pg_fnumber(res, "id"), &o->id);
+    qm_pg_get_int64(res, i, qm_pg_fnumber(res, "attempts"), &v);
+    o->attempts = (int)v;
+    qm_pg_get_int64(res, i, qm_pg_fnumber(res, "line_no"), &v);
+    o->line_no = (int)v;
+    qm_pg_get_int64(res, i, qm_pg_fnumber(res, "duration_days"), &v);
+    o->duration_days = (int)v;
+    copy_field(res, i, "op", o->op, sizeof(o->op));
+    copy_field(res, i, "grant_id", o->grant_id, sizeof(o->grant_id));
+    copy_field(res, i, "request_id", o->request_id, sizeof(o->request_id));
+    copy_field(res, i, "person_id", o->person_id, sizeof(o->person_id));
+    copy_field(res, i, "directory_username", o->username, sizeof(o->username));
+    copy_field(res, i, "item_id", o->item_id, sizeof(o->item_id));
+    copy_field(res, i, "role_id", o->role_id, sizeof(o->role_id));
+    copy_field(res, i, "grp", o->grp, sizeof(o->grp));
+    copy_field(res, i, "connector", o->connector, sizeof(o->connector));
+    copy_field(res, i, "traceparent", o->traceparent, sizeof(o->traceparent));
+    qm_pg_get_bytes(res, i, qm_pg_fnumber(res, "approved"), &o->approved, &o->approved_len);
+  }
+  qm_pg_result_destroy(res);
+  return n;
+}
+
+/* Success: op done (once), grant active with its clock starting now, event. */
+static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const char *user_id,
+                          const char *group_id, char *errstr, size_t errstr_size) {
+  int rc = qm_pg_begin(pg, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t p1[] = {QM_PG_INT64(o->id)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(pg,
+                  "UPDATE grant_ops SET state = 'done', finished_at = now(), lease_until = NULL,"
+                  " last_error = NULL WHERE id = $1::bigint AND state = 'pending'",
+                  p1, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  int64_t won = qm_pg_affected(res);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (won == 0) { /* another worker finished it after our lease ran out */
+    qm_pg_rollback(pg, NULL, 0);
+    return QM_OK;
+  }
+  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(user_id), QM_PG_TEXT(group_id)};
+  rc = qm_pg_exec(pg,
+                  "UPDATE grants SET state = 'active', directory_user_id = $2,"
+                  " directory_group_id = $3, granted_at = now(),"
+                  " expires_at = CASE WHEN duration_days > 0"
+                  "  THEN now() + duration_days * interval '1 day' END, updated_at = now()"
+                  " WHERE grant_id = $1 RETURNING"
+                  " (extract(epoch FROM granted_at) * 1000)::bigint AS granted_ms,"
+                  " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) AS expires_ms",
+                  p2, 3, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  Qm__V1__AccessGranted ag = QM__V1__ACCESS_GRANTED__INIT;
+  qm_pg_get_int64(res, 0, 0, &ag.granted_at_ms);
+  qm_pg_get_int64(res, 0, 1, &ag.expires_at_ms);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  Qm__V1__RequestApproved *ap =
+      qm__v1__request_approved__unpack(NULL, o->approved_len, o->approved);
+  ag.request_id = (char *)o->request_id;
+  ag.line_no = o->line_no;
+  ag.grant_id = (char *)o->grant_id;
+  ag.subject_person_id = (char *)o->person_id;
+  ag.item_id = (char *)o->item_id;
+  ag.role_id = (char *)o->role_id;
+  ag.group = (char *)o->grp;
+  ag.connector = (char *)o->connector;
+  ag.directory_user_id = (char *)user_id;
+  ag.directory_group_id = (char *)group_id;
+  if (ap) {
+    ag.n_approvers = ap->n_approvers;
+    ag.approvers = ap->approvers;
+  }
+  Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
+  ae.event_case = QM__V1__ACCESS_EVENT__EVENT_GRANTED;
+  ae.granted = &ag;
+  rc = qm_service_emit(prov->svc, pg, QM_TOPIC_ACCESS, o->person_id, "qm.access.granted.v1",
+                       o->request_id, o->traceparent, &ae.base, NULL, errstr, errstr_size);
+  if (ap) qm__v1__request_approved__free_unpacked(ap, NULL);
+  if (rc != QM_OK) goto fail;
+  rc = qm_pg_commit(pg, errstr, errstr_size);
+  if (rc == QM_OK)
+    qm_log(QM_LOG_INFO, o->request_id, NULL, "granted %s to %s (grant %s)", o->grp, o->person_id,
+           o->grant_id);
+  return rc;
+fail:
+  qm_pg_result_destroy(res);
+  qm_pg_rollback(pg, NULL, 0);
+  return rc;
+}
+
+/* Failure: retry later, or park the operation and publish ProvisioningFailed. */
+static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cause,
+                         const char *why, char *errstr, size_t errstr_size) {
+  const qm_config_t *cfg = qm_service_config(prov->svc);
+  bool retryable = cause != QM_EINVAL;
+  int max = (int)qm_config_int(cfg, "QM_PROVISIONING_MAX_ATTEMPTS");
+  if (cause == QM_ESHUTDOWN) {
+    qm_pg_param_t p[] = {QM_PG_INT64(o->id)};
+    return qm_pg_exec(pg,
+                      "UPDATE grant_ops SET lease_until = NULL, attempts = attempts - 1"
+                      " WHERE id = $1::bigint AND state = 'pending'",
+                      p, 1, NULL, errstr, errstr_size);
+  }
+  if (retryable && o->attempts < max) {
+    int64_t backoff = qm_config_ms(cfg, "QM_PROVISIONING_BACKOFF");
+    for (int i = 1; i < o->attempts && backoff < 3600000; i++) backoff *= 2;
+    if (backoff > 3600000) backoff = 3600000;
+    qm_pg_param_t p[] = {QM_PG_INT64(o->id), QM_PG_INT64(backoff), QM_PG_TEXT(why)};
+    qm_log(QM_LOG_WARN, o->request_id, NULL,
+           "grant %s: attempt %d of %d failed (%s); retrying in %lld ms", o->grant_id, o->attempts,
+           max, why, (long long)backoff);
+    return qm_pg_exec(pg,
+                      "UPDATE grant_ops SET lease_until = NULL, last_error = $3,"
+                      " next_attempt_at = now() + make_interval(secs => $2::bigint / 1000.0)"
+                      " WHERE id = $1::bigint AND state = 'pending'",
+                      p, 3, NULL, errstr, errstr_size);
+  }
+  int rc = qm_pg_begin(pg, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t p[] = {QM_PG_INT64(o->id), QM_PG_TEXT(why)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(pg,
+                  "UPDATE grant_ops SET state = 'failed', finished_at = now(), lease_until = NULL,"
+                  " last_error = $2 WHERE id = $1::bigint AND state = 'pending'",
+                  p, 2, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  int64_t won = qm_pg_affected(res);
+  qm_pg_result_destroy(res);
+  if (won == 0) {
+    qm_pg_rollback(pg, NULL, 0);
+    return QM_OK;
+  }
+  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id)};
+  rc = qm_pg_exec(pg, "UPDATE grants SET state = 'failed', updated_at = now() WHERE grant_id = $1",
+                  p2, 1, NULL, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  char op_id[32];
+  snprintf(op_id, sizeof(op_id), "%lld", (long long)o->id);
+  Qm__V1__ProvisioningFailed pf = QM__V1__PROVISIONING_FAILED__INIT;
+  pf.request_id = (char *)o->request_id;
+  pf.line_no = o->line_no;
+  pf.subject_person_id = (char *)o->person_id;
+  pf.operation = (char *)o->op;
+  pf.group = (char *)o->grp;
+  pf.connector = (char *)o->connector;
+  pf.error = (char *)why;
+  pf.attempts = o->attempts;
+  pf.operation_id = op_id;
+  pf.retryable = retryable;
+  Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
+  ae.event_case = QM__V1__ACCESS_EVENT__EVENT_FAILED;
+  ae.failed = &pf;
+  rc = qm_service_emit(prov->svc, pg, QM_TOPIC_ACCESS, o->person_id,
+                       "qm.access.provisioning_failed.v1", o->request_id, o->traceparent, &ae.base,
+                       NULL, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  rc = qm_pg_commit(pg, errstr, errstr_size);
+  if (rc == QM_OK)
+    qm_log(QM_LOG_ERROR, o->request_id, NULL,
+           "grant %s of %s to %s parked after %d attempt(s): %s; fix the cause and retry it with "
+           "POST /v1/operations/%s/retry",
+           o->grant_id, o->grp, o->person_id, o->attempts, why, op_id);
+  return rc;
+fail:
+  qm_pg_rollback(pg, NULL, 0);
+  return rc;
+}
+
+/* Applies one claimed operation to the directory and records the outcome. */
+static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
+  char why[512] = "";
+  char user_id[256] = "", group_id[256] = "";
+  int rc;
+  if (strcmp(o->connector, "scim-main") != 0) {
+    rc = qm_err(why, sizeof(why), QM_EINVAL, "unknown connector '%s' (configured: scim-main)",
+                o->connector);
+  } else if (strcmp(o->op, "grant") != 0) {
+    rc = qm_err(why, sizeof(why), QM_EINVAL, "operation '%s' is not supported yet", o->op);
+  } else {
+    rc = qm_scim_find_user(prov->scim, o->username, user_id, sizeof(user_id), why, sizeof(why));
+    if (rc == QM_OK)
+      rc = qm_scim_find_group(prov->scim, o->grp, group_id, sizeof(group_id), why, sizeof(why));
+    if (rc == QM_OK) rc = qm_scim_add_member(prov->scim, group_id, user_id, why, sizeof(why));
+  }
+  char errstr[512] = "";
+  int frc = rc == QM_OK ? finish_granted(prov, pg, o, user_id, group_id, errstr, sizeof(errstr))
+                        : finish_failed(prov, pg, o, rc, why, errstr, sizeof(errstr));
+  if (frc != QM_OK) {
+    /* The lease runs out and another attempt repeats the idempotent call. */
+    qm_log(QM_LOG_WARN, o->request_id, NULL,
+           "recording the outcome of grant %s failed (%s); it will be retried after its lease",
+           o->grant_id, errstr);
+    if (frc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+  }
+}
+
+static void *worker_main(void *arg) {
+  worker_ctx_t *wc = arg;
+  prov_t *prov = wc->prov;
+  const qm_config_t *cfg = qm_service_config(prov->svc);
+  int64_t poll = qm_config_ms(cfg, "QM_PROVISIONING_POLL");
+  char errstr[512];
+  char app[64];
+  snprintf(app, sizeof(app), "qm-provisioning-worker-%d", wc->index);
+  qm_pg_t *pg = NULL;
+  while (!pg && !atomic_load(&prov->stopping)) {
+    pg = qm_pg_connect_app(qm_service_dsn(prov->svc), "provisioning", app, errstr, sizeof(errstr));
+    if (!pg) {
+      qm_log_warn("worker %d: PostgreSQL: %s (retrying)", wc->index, errstr);
+      qm_sleep_ms(1000);
+    }
+  }
+  grant_op_t ops[CLAIM_BATCH];
+  /* Stop claiming at the first sign of shutdown; what is in hand finishes. */
+  while (pg && !atomic_load(&prov->stopping) && !qm_shutdown_requested()) {
+    int n = claim(prov, pg, ops);
+    for (int i = 0; i < n; i++) {
+      if (!atomic_load(&prov->stopping)) apply_op(prov, pg, &ops[i]);
+      else { /* hand the rest back at once instead of waiting out the lease */
+        char e[256];
+        finish_failed(prov, pg, &ops[i], QM_ESHUTDOWN, "shutdown", e, sizeof(e));
+      }
+      free(ops[i].approved);
+    }
+    if (n <= 0) {
+      int64_t until = qm_mono_ms() + poll;
+      while (qm_mono_ms() < until && !atomic_load(&prov->stopping) && !qm_shutdown_requested())
+        qm_sleep_ms(5);
+    }
+  }
+  qm_pg_destroy(pg);
+  free(wc);
+  return NULL;
+}
+
+int prov_workers_start(prov_t *prov, char *errstr, size_t errstr_size) {
+  size_t n = (size_t)qm_config_int(qm_service_config(prov->svc), "QM_PROVISIONING_WORKERS");
+  for (size_t i = 0; i < n; i++) {
+    worker_ctx_t *wc = qm_calloc(1, sizeof(*wc));
+    wc->prov = prov;
+    wc->index = (int)i;
+    if (pthread_create(&prov->workers[i], NULL, worker_main, wc) != 0) {
+      free(wc);
+      prov_workers_stop(prov);
+      return qm_err(errstr, errstr_size, QM_EIO, "cannot start worker thread %zu", i);
+    }
+    prov->n_workers++;
+  }
+  return QM_OK;
+}
+
+void prov_workers_stop(prov_t *prov) {
+  atomic_store(&prov->stopping, true);
+  for (size_t i = 0; i < prov->n_workers; i++) pthread_join(prov->workers[i], NULL);
+  prov->n_workers = 0;
+}
