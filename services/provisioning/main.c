@@ -78,6 +78,12 @@ static const qm_migration_t migrations[] = {
      " finished_at timestamptz);"
      "CREATE INDEX grant_ops_due ON grant_ops (next_attempt_at, id) WHERE state = 'pending';"
      "CREATE INDEX grant_ops_key ON grant_ops (person_id, grp, id) WHERE state = 'pending';"},
+    /* Who holds a lease: the worker's database session. A process killed
+     * mid-operation loses its sessions at once, so its leases can be taken
+     * over without waiting for them to run out. */
+    {3, "lease holder session",
+     "ALTER TABLE grant_ops ADD COLUMN lease_pid int,"
+     " ADD COLUMN lease_backend_start timestamptz;"},
 };
 
 static const qm_cfg_def_t config[] = {

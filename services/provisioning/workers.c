@@ -2,8 +2,9 @@
  * workers: the threads that apply grant operations to the directory. Each
  * worker owns one database connection; the directory client is shared.
  *
- * An operation is claimed with a lease (so a crashed worker's operation is
- * taken over when the lease runs out), only when no older pending operation
+ * An operation is claimed with a lease held by the worker's database session
+ * (so a crashed worker's operation is taken over as soon as its session is
+ * gone, or when the lease runs out if the process hangs), only when no older pending operation
  * exists for the same person and group (so a grant and a later revoke apply
  * in order), and finished under "WHERE state = 'pending'" so that, whatever
  * crashes or races happen, exactly one transaction records its outcome and
@@ -57,12 +58,16 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
   int rc = qm_pg_exec(
       pg,
       "UPDATE grant_ops o SET lease_until = now() + make_interval(secs => $1::bigint / 1000.0),"
-      " attempts = o.attempts + 1"
+      " attempts = o.attempts + 1, lease_pid = pg_backend_pid(),"
+      " lease_backend_start = (SELECT backend_start FROM pg_stat_activity"
+      "  WHERE pid = pg_backend_pid())"
       " FROM grants g"
       " WHERE g.grant_id = o.grant_id AND o.id IN ("
       "  SELECT o1.id FROM grant_ops o1"
       "  WHERE o1.state = 'pending' AND o1.next_attempt_at <= now()"
-      "   AND (o1.lease_until IS NULL OR o1.lease_until < now())"
+      "   AND (o1.lease_until IS NULL OR o1.lease_until < now()"
+      "    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = o1.lease_pid"
+      "     AND a.backend_start = o1.lease_backend_start))"
       "   AND NOT EXISTS (SELECT 1 FROM grant_ops o2 WHERE o2.person_id = o1.person_id"
       "    AND o2.grp = o1.grp AND o2.state = 'pending' AND o2.id < o1.id)"
       "  ORDER BY o1.next_attempt_at, o1.id LIMIT $2::int FOR UPDATE SKIP LOCKED)"
