@@ -1,0 +1,1102 @@
+/*
+ * harness: runs Quartermaster for real under an integration test — the local
+ * stack through deploy/local/stack.sh, and per run an isolated database,
+ * topic prefix, private SCIM peer and the five service processes — and
+ * gives tests small, assertion-backed helpers for HTTP, SCIM and SQL.
+ *
+ * Processes are started with fork/execve: each in its own process group (so
+ * kill -9 hits the service only) with a parent-death signal (so a test
+ * process that dies leaves nothing behind), stdin from /dev/null and
+ * stdout/stderr appended to its log file. Everything that can go wrong fails
+ * the test with the reason and the relevant log tail: the harness never
+ * skips.
+ *
+ * The one piece of mutable file-level state is `it_live`, the stack of the
+ * running test, so that it_fini() (Criterion's .fini, which takes no
+ * arguments) can clean up after a failed assertion.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "harness.h"
+
+#include "qm_auth.h"
+#include "qm_common.h"
+#include "qm_kafka.h"
+#include "qm_log.h"
+#include "qm_topics.h"
+
+#include <criterion/criterion.h>
+#include <curl/curl.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libpq-fe.h>
+#include <librdkafka/rdkafka.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#define IT_N_SERVICES 5
+#define IT_READY_BOUND_MS 60000
+#define IT_STOP_GRACE_MS 10000
+#define IT_LOG_TAIL_LINES 30
+#define IT_PG_ADMIN_DSN "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=10"
+
+static const char *const it_service_names[IT_N_SERVICES] = {"intake", "approval", "provisioning",
+                                                            "fulfillment", "audit"};
+
+typedef struct it_svc {
+  const char *name; /* one of it_service_names */
+  int port;
+  pid_t pid; /* 0 when not running */
+  char log_path[PATH_MAX];
+  int starts; /* how many times it was started */
+} it_svc_t;
+
+struct it_stack {
+  char run[48];
+  char db[64];
+  char dsn[256];
+  char prefix[160];
+  char log_dir[PATH_MAX];
+  int64_t t0_ms;
+  int scim_port;
+  pid_t scim_pid;
+  char scim_log[PATH_MAX + 16];
+  it_svc_t svc[IT_N_SERVICES];
+  PGconn *pg;                 /* to the run's database, lazily opened */
+  pthread_mutex_t scim_lock;  /* guards scim_users */
+  json_t *scim_users;         /* SCIM user id -> userName, lazily loaded */
+};
+
+/* The stack of the running test, for it_fini(). */
+static it_stack_t *it_live = NULL;
+
+/* ------------------------------------------------------------ small things */
+
+int64_t it_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void it_sleep_ms(int ms) {
+  struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+  while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {
+  }
+}
+
+char *it_json_text(const json_t *j) {
+  if (!j) return qm_strdup("(null)");
+  char *s = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY | JSON_SORT_KEYS);
+  return s ? s : qm_strdup("(unprintable)");
+}
+
+static void it_note(const it_stack_t *st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void it_note(const it_stack_t *st, const char *fmt, ...) {
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "[it %s +%.1fs] %s\n", st ? st->run : "-",
+          st ? (double)(it_now_ms() - st->t0_ms) / 1000.0 : 0.0, msg);
+  fflush(stderr);
+}
+
+/* Reads a whole file into a new NUL-terminated string (NULL when unreadable). */
+static char *read_file(const char *path, size_t *len_out) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  size_t cap = 4096, len = 0;
+  char *buf = qm_malloc(cap);
+  size_t n;
+  while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
+    len += n;
+    if (cap - len < 2) {
+      cap *= 2;
+      buf = qm_realloc(buf, cap);
+    }
+  }
+  fclose(f);
+  buf[len] = '\0';
+  if (len_out) *len_out = len;
+  return buf;
+}
+
+/* The last n lines of a file (or a note saying it cannot be read). */
+static char *file_tail(const char *path, int n) {
+  size_t len = 0;
+  char *all = read_file(path, &len);
+  if (!all) return qm_asprintf("(cannot read %s: %s)", path, strerror(errno));
+  size_t pos = len;
+  if (pos > 0 && all[pos - 1] == '\n') pos--;
+  int lines = 0;
+  while (pos > 0) {
+    if (all[pos - 1] == '\n' && ++lines == n) break;
+    pos--;
+  }
+  char *tail = qm_strdup(all + pos);
+  free(all);
+  return tail;
+}
+
+static void append_line(const char *path, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void append_line(const char *path, const char *fmt, ...) {
+  FILE *f = fopen(path, "a");
+  if (!f) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vfprintf(f, fmt, ap);
+  va_end(ap);
+  fputc('\n', f);
+  fclose(f);
+}
+
+static void mkdir_p(const char *path) {
+  char buf[PATH_MAX];
+  qm_strlcpy(buf, path, sizeof(buf));
+  for (char *p = buf + 1; *p; p++) {
+    if (*p == '/') {
+      *p = '\0';
+      mkdir(buf, 0755);
+      *p = '/';
+    }
+  }
+  if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+    cr_assert_fail("cannot create directory %s: %s", buf, strerror(errno));
+}
+
+/* Keeps [a-z0-9] and maps everything else to sep; at most cap-1 characters. */
+static void sanitize(const char *in, char sep, char *out, size_t cap) {
+  size_t j = 0;
+  for (size_t i = 0; in[i] && j + 1 < cap; i++) {
+    char c = in[i];
+    if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+    out[j++] = ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9')) ? c : sep;
+  }
+  out[j] = '\0';
+}
+
+/* A TCP port nobody listens on right now (bind port 0, read it back),
+ * different from every port in avoid. */
+static int free_port(const int *avoid, size_t n_avoid) {
+  for (int attempt = 0; attempt < 50; attempt++) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    cr_assert(fd >= 0, "socket: %s", strerror(errno));
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = 0,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sa);
+    int ok = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
+             getsockname(fd, (struct sockaddr *)&sa, &sl) == 0;
+    close(fd);
+    cr_assert(ok, "cannot bind an ephemeral port on 127.0.0.1: %s", strerror(errno));
+    int port = ntohs(sa.sin_port);
+    bool clash = false;
+    for (size_t i = 0; i < n_avoid; i++) clash = clash || avoid[i] == port;
+    if (!clash) return port;
+  }
+  cr_assert_fail("no free port found");
+  return 0;
+}
+
+static void ports_in_use(const it_stack_t *st, int *out, size_t *n) {
+  *n = 0;
+  if (st->scim_port) out[(*n)++] = st->scim_port;
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (st->svc[i].port) out[(*n)++] = st->svc[i].port;
+}
+
+/* ------------------------------------------------------------ environments */
+
+typedef struct it_env {
+  char **v;
+  size_t n, cap;
+} it_env_t;
+
+/* The test's environment without any QM_* variable (a developer's shell
+ * must not change what the harness runs). */
+static void env_init(it_env_t *e) {
+  e->n = 0;
+  e->cap = 64;
+  e->v = qm_calloc(e->cap, sizeof(char *));
+  for (char **p = environ; p && *p; p++) {
+    if (!strncmp(*p, "QM_", 3)) continue;
+    if (e->n + 2 >= e->cap) {
+      e->cap *= 2;
+      e->v = qm_realloc(e->v, e->cap * sizeof(char *));
+    }
+    e->v[e->n++] = qm_strdup(*p);
+    e->v[e->n] = NULL;
+  }
+}
+
+/* Sets "NAME=value" (kv), replacing an earlier NAME. */
+static void env_put(it_env_t *e, const char *kv) {
+  const char *eq = strchr(kv, '=');
+  size_t nl = eq ? (size_t)(eq - kv) + 1 : strlen(kv);
+  for (size_t i = 0; i < e->n; i++) {
+    if (!strncmp(e->v[i], kv, nl)) {
+      free(e->v[i]);
+      e->v[i] = qm_strdup(kv);
+      return;
+    }
+  }
+  if (e->n + 2 >= e->cap) {
+    e->cap *= 2;
+    e->v = qm_realloc(e->v, e->cap * sizeof(char *));
+  }
+  e->v[e->n++] = qm_strdup(kv);
+  e->v[e->n] = NULL;
+}
+
+static void env_set(it_env_t *e, const char *name, const char *value) {
+  char *kv = qm_asprintf("%s=%s", name, value);
+  env_put(e, kv);
+  free(kv);
+}
+
+static void env_free(it_env_t *e) {
+  for (size_t i = 0; i < e->n; i++) free(e->v[i]);
+  free(e->v);
+  e->v = NULL;
+  e->n = e->cap = 0;
+}
+
+/* ------------------------------------------------------------ processes */
+
+/* Forks and execs path with argv/envp. The child gets its own process group,
+ * a parent-death signal (SIGTERM), stdin from /dev/null, stdout on out_fd and
+ * stderr on err_fd, and no other inherited descriptor. Everything the child
+ * needs is prepared before fork (only async-signal-safe calls after it).
+ * Returns the pid, or -1 with errno when fork failed. */
+static pid_t spawn_fds(const char *path, char *const argv[], char *const envp[], int out_fd,
+                       int err_fd) {
+  pid_t parent = getpid();
+  int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  pid_t pid = fork();
+  if (pid == 0) {
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(127);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    if (devnull >= 0) dup2(devnull, 0);
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    close_range(3, ~0U, 0);
+    execve(path, argv, envp);
+    static const char msg[] = "it harness: execve failed\n";
+    ssize_t ignored = write(2, msg, sizeof(msg) - 1);
+    (void)ignored;
+    _exit(127);
+  }
+  int saved = errno;
+  if (devnull >= 0) close(devnull);
+  errno = saved;
+  return pid;
+}
+
+/* Spawns with stdout and stderr appended to log_path. */
+static pid_t spawn_logged(const char *path, char *const argv[], char *const envp[],
+                          const char *log_path) {
+  int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  cr_assert(fd >= 0, "cannot open log %s: %s", log_path, strerror(errno));
+  pid_t pid = spawn_fds(path, argv, envp, fd, fd);
+  int saved = errno;
+  close(fd);
+  cr_assert(pid > 0, "fork for %s failed: %s", path, strerror(saved));
+  return pid;
+}
+
+/* Waits up to timeout_ms for pid to exit. Returns the exit status as
+ * it_service_term() does, or -2 when it is still running. */
+static int wait_exit(pid_t pid, int timeout_ms) {
+  int64_t deadline = it_now_ms() + timeout_ms;
+  for (;;) {
+    int ws = 0;
+    pid_t r = waitpid(pid, &ws, WNOHANG);
+    if (r == pid) {
+      if (WIFEXITED(ws)) return WEXITSTATUS(ws);
+      if (WIFSIGNALED(ws)) return 128 + WTERMSIG(ws);
+      return 255;
+    }
+    if (r < 0 && errno != EINTR) return 255; /* not our child any more */
+    if (it_now_ms() >= deadline) return -2;
+    it_sleep_ms(20);
+  }
+}
+
+/* SIGTERM, wait up to grace_ms, then SIGKILL. Returns the exit status, or -1
+ * when SIGKILL was needed. */
+static int stop_pid(pid_t pid, int grace_ms) {
+  if (pid <= 0) return 0;
+  kill(pid, SIGTERM);
+  int rc = wait_exit(pid, grace_ms);
+  if (rc != -2) return rc;
+  kill(pid, SIGKILL);
+  wait_exit(pid, 5000);
+  return -1;
+}
+
+/* Finds an executable on PATH (cr_assert when absent). Caller frees. */
+static char *which(const char *prog) {
+  const char *path = getenv("PATH");
+  if (!path || !*path) path = "/usr/local/bin:/usr/bin:/bin";
+  const char *p = path;
+  while (*p) {
+    const char *colon = strchr(p, ':');
+    size_t len = colon ? (size_t)(colon - p) : strlen(p);
+    char *cand = qm_asprintf("%.*s/%s", (int)len, p, prog);
+    if (access(cand, X_OK) == 0) return cand;
+    free(cand);
+    if (!colon) break;
+    p = colon + 1;
+  }
+  cr_assert_fail("%s not found on PATH (%s): run deploy/local/install-deps.sh", prog, path);
+  return NULL;
+}
+
+int it_run(const char *const *argv, const char *const *env_extra, int timeout_ms, char **out,
+           char **err) {
+  char out_path[] = "/tmp/qm-it-out-XXXXXX", err_path[] = "/tmp/qm-it-err-XXXXXX";
+  int out_fd = mkostemp(out_path, O_CLOEXEC), err_fd = mkostemp(err_path, O_CLOEXEC);
+  cr_assert(out_fd >= 0 && err_fd >= 0, "mkstemp: %s", strerror(errno));
+  it_env_t env;
+  env_init(&env);
+  for (size_t i = 0; env_extra && env_extra[i]; i++) env_put(&env, env_extra[i]);
+  pid_t pid = spawn_fds(argv[0], (char *const *)argv, env.v, out_fd, err_fd);
+  int saved = errno;
+  close(out_fd);
+  close(err_fd);
+  env_free(&env);
+  cr_assert(pid > 0, "cannot start %s: %s", argv[0], strerror(saved));
+  int rc = wait_exit(pid, timeout_ms);
+  if (rc == -2) {
+    kill(pid, SIGKILL);
+    wait_exit(pid, 5000);
+    rc = -1;
+  }
+  if (out) {
+    *out = read_file(out_path, NULL);
+    if (!*out) *out = qm_strdup("");
+  }
+  if (err) {
+    *err = read_file(err_path, NULL);
+    if (!*err) *err = qm_strdup("");
+  }
+  unlink(out_path);
+  unlink(err_path);
+  return rc;
+}
+
+/* ------------------------------------------------------------ HTTP */
+
+typedef struct it_buf {
+  char *p;
+  size_t len, cap;
+} it_buf_t;
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
+  it_buf_t *b = ud;
+  size_t n = size * nmemb;
+  if (b->len + n + 1 > b->cap) {
+    b->cap = (b->len + n + 1) * 2;
+    b->p = qm_realloc(b->p, b->cap);
+  }
+  memcpy(b->p + b->len, data, n);
+  b->len += n;
+  b->p[b->len] = '\0';
+  return n;
+}
+
+/* Copies the value of header `name` from one raw header line, when it is that header. */
+static void header_value(const char *line, size_t len, const char *name, char *out, size_t cap) {
+  size_t nl = strlen(name);
+  if (len <= nl || strncasecmp(line, name, nl) != 0 || line[nl] != ':') return;
+  const char *v = line + nl + 1;
+  const char *end = line + len;
+  while (v < end && (*v == ' ' || *v == '\t')) v++;
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ')) end--;
+  size_t vl = (size_t)(end - v);
+  if (vl >= cap) vl = cap - 1;
+  memcpy(out, v, vl);
+  out[vl] = '\0';
+}
+
+static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
+  it_resp_t *r = ud;
+  size_t n = size * nmemb;
+  header_value(data, n, "Content-Type", r->content_type, sizeof(r->content_type));
+  header_value(data, n, "Location", r->location, sizeof(r->location));
+  return n;
+}
+
+/* One exchange with url; shared by it_http() and the SCIM helpers. */
+static long http_do(const char *method, const char *url, const char *bearer, const char *body,
+                    const char *const *headers, it_resp_t *out) {
+  memset(out, 0, sizeof(*out));
+  CURL *h = curl_easy_init();
+  cr_assert(h != NULL, "curl_easy_init failed");
+  struct curl_slist *hl = NULL;
+  char *auth = NULL;
+  if (bearer) {
+    auth = qm_asprintf("Authorization: Bearer %s", bearer);
+    hl = curl_slist_append(hl, auth);
+  }
+  if (body) hl = curl_slist_append(hl, "Content-Type: application/json");
+  hl = curl_slist_append(hl, "Expect:");
+  for (size_t i = 0; headers && headers[i]; i++) hl = curl_slist_append(hl, headers[i]);
+  it_buf_t b = {.p = qm_calloc(1, 256), .len = 0, .cap = 256};
+  char curl_err[CURL_ERROR_SIZE] = "";
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+  if (!strcmp(method, "HEAD")) curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+  if (body) {
+    curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE, (long)strlen(body));
+  }
+  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hl);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, &b);
+  curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+  curl_easy_setopt(h, CURLOPT_HEADERDATA, out);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 15000L);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, 3000L);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, curl_err);
+  CURLcode cc = curl_easy_perform(h);
+  if (cc == CURLE_OK) {
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &out->status);
+    curl_easy_getinfo(h, CURLINFO_TOTAL_TIME, &out->seconds);
+    out->body = b.p;
+    if (b.len > 0) out->json = json_loadb(b.p, b.len, JSON_DECODE_ANY, NULL);
+  } else {
+    out->status = 0;
+    out->body = qm_asprintf("%s %s: %s", method, url, curl_err[0] ? curl_err : curl_easy_strerror(cc));
+    free(b.p);
+  }
+  curl_slist_free_all(hl);
+  free(auth);
+  curl_easy_cleanup(h);
+  return out->status;
+}
+
+void it_resp_clear(it_resp_t *r) {
+  if (!r) return;
+  json_decref(r->json);
+  free(r->body);
+  memset(r, 0, sizeof(*r));
+}
+
+static it_svc_t *svc_find(it_stack_t *st, const char *name) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (!strcmp(st->svc[i].name, name)) return &st->svc[i];
+  cr_assert_fail("unknown service '%s' (intake, approval, provisioning, fulfillment, audit)", name);
+  return NULL;
+}
+
+long it_http(it_stack_t *st, const char *svc, const char *method, const char *path,
+             const char *token, const char *body, const char *const *headers, it_resp_t *out) {
+  it_svc_t *s = svc_find(st, svc);
+  char url[1024];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", s->port, path);
+  return http_do(method, url, token, body, headers, out);
+}
+
+char *it_token(const char *sub, const char *roles_csv) {
+  const char *roles[QM_AUTH_MAX_ROLES];
+  char *copies[QM_AUTH_MAX_ROLES];
+  size_t n = 0;
+  const char *p = roles_csv ? roles_csv : "";
+  while (*p && n < QM_AUTH_MAX_ROLES) {
+    const char *comma = strchr(p, ',');
+    size_t len = comma ? (size_t)(comma - p) : strlen(p);
+    copies[n] = qm_strndup(p, len);
+    roles[n] = copies[n];
+    n++;
+    if (!comma) break;
+    p = comma + 1;
+  }
+  char *token = NULL;
+  int rc = qm_auth_mint_hs256(IT_DEV_SECRET, sub, roles, n, 3600, &token);
+  for (size_t i = 0; i < n; i++) free(copies[i]);
+  cr_assert(rc == QM_OK && token, "cannot mint a token for %s (%s): %s", sub, roles_csv,
+            qm_strerror(rc));
+  return token;
+}
+
+/* ------------------------------------------------------------ requests */
+
+char *it_request_submit(it_stack_t *st, const char *token, const char *body) {
+  it_resp_t r;
+  it_http(st, "intake", "POST", "/v1/requests", token, body, NULL, &r);
+  const char *id = json_string_value(json_object_get(r.json, "id"));
+  cr_assert(r.status == 201 && id && *id, "POST /v1/requests %s: expected 201 with an id, got %ld %s",
+            body, r.status, r.body);
+  char *out = qm_strdup(id);
+  it_resp_clear(&r);
+  return out;
+}
+
+json_t *it_request_wait(it_stack_t *st, const char *id, const char *token, const char *want,
+                        int timeout_ms) {
+  char path[256];
+  snprintf(path, sizeof(path), "/v1/requests/%s", id);
+  int64_t deadline = it_now_ms() + timeout_ms;
+  it_resp_t r = {0};
+  for (;;) {
+    it_resp_clear(&r);
+    it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
+    const char *status = json_string_value(json_object_get(r.json, "status"));
+    if (r.status == 200 && status && !strcmp(status, want)) break;
+    if (it_now_ms() >= deadline)
+      cr_assert_fail("request %s did not reach status '%s' within %d ms; last answer %ld: %s", id,
+                     want, timeout_ms, r.status, r.body);
+    it_sleep_ms(25);
+  }
+  json_t *j = json_incref(r.json);
+  it_resp_clear(&r);
+  return j;
+}
+
+/* ------------------------------------------------------------ SCIM */
+
+static json_t *scim_get(it_stack_t *st, const char *path_query) {
+  char url[2048];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d/scim/v2%s", st->scim_port, path_query);
+  it_resp_t r;
+  http_do("GET", url, IT_SCIM_TOKEN, NULL, NULL, &r);
+  cr_assert(r.status == 200 && r.json, "SCIM GET %s: %ld %s", path_query, r.status, r.body);
+  json_t *j = json_incref(r.json);
+  it_resp_clear(&r);
+  return j;
+}
+
+/* Loads every user (id -> userName) into st->scim_users. Called with scim_lock held. */
+static void scim_load_users(it_stack_t *st) {
+  json_t *users = json_object();
+  long start = 1;
+  for (;;) {
+    char q[128];
+    snprintf(q, sizeof(q), "/Users?attributes=userName&count=1000&startIndex=%ld", start);
+    json_t *page = scim_get(st, q);
+    json_t *res = json_object_get(page, "Resources");
+    size_t i;
+    json_t *u;
+    json_array_foreach(res, i, u) {
+      const char *id = json_string_value(json_object_get(u, "id"));
+      const char *un = json_string_value(json_object_get(u, "userName"));
+      if (id && un) json_object_set_new(users, id, json_string(un));
+    }
+    long total = (long)json_integer_value(json_object_get(page, "totalResults"));
+    size_t got = json_array_size(res);
+    json_decref(page);
+    if (got == 0 || (long)json_object_size(users) >= total) break;
+    start += (long)got;
+  }
+  st->scim_users = users;
+}
+
+json_t *it_scim_members(it_stack_t *st, const char *group_display_name) {
+  CURL *h = curl_easy_init();
+  char *filter = qm_asprintf("displayName eq \"%s\"", group_display_name);
+  char *esc = curl_easy_escape(h, filter, 0);
+  char *q = qm_asprintf("/Groups?filter=%s", esc);
+  curl_free(esc);
+  curl_easy_cleanup(h);
+  free(filter);
+  json_t *list = scim_get(st, q);
+  free(q);
+  json_t *res = json_object_get(list, "Resources");
+  cr_assert(json_array_size(res) == 1, "SCIM group '%s': expected exactly one match, got %zu",
+            group_display_name, json_array_size(res));
+  json_t *members = json_object_get(json_array_get(res, 0), "members");
+  json_t *set = json_object();
+  pthread_mutex_lock(&st->scim_lock);
+  if (!st->scim_users) scim_load_users(st);
+  size_t i;
+  json_t *m;
+  json_array_foreach(members, i, m) {
+    const char *id = json_string_value(json_object_get(m, "value"));
+    if (!id) continue;
+    const char *un = json_string_value(json_object_get(st->scim_users, id));
+    if (!un) {
+      char path[256];
+      snprintf(path, sizeof(path), "/Users/%s", id);
+      json_t *u = scim_get(st, path);
+      const char *fetched = json_string_value(json_object_get(u, "userName"));
+      cr_assert(fetched, "SCIM member %s of %s has no userName", id, group_display_name);
+      json_object_set_new(st->scim_users, id, json_string(fetched));
+      json_decref(u);
+      un = json_string_value(json_object_get(st->scim_users, id));
+    }
+    json_object_set_new(set, un, json_true());
+  }
+  pthread_mutex_unlock(&st->scim_lock);
+  json_decref(list);
+  return set;
+}
+
+/* ------------------------------------------------------------ PostgreSQL */
+
+static PGconn *pg_conn(it_stack_t *st) {
+  if (st->pg && PQstatus(st->pg) == CONNECTION_OK) return st->pg;
+  if (st->pg) PQfinish(st->pg);
+  st->pg = PQconnectdb(st->dsn);
+  cr_assert(PQstatus(st->pg) == CONNECTION_OK, "cannot connect to %s: %s", st->dsn,
+            PQerrorMessage(st->pg));
+  return st->pg;
+}
+
+static PGresult *pg_query(it_stack_t *st, const char *sql) {
+  PGresult *res = PQexec(pg_conn(st), sql);
+  ExecStatusType es = PQresultStatus(res);
+  if (es != PGRES_TUPLES_OK && es != PGRES_COMMAND_OK) {
+    char *msg = qm_strdup(PQresultErrorMessage(res));
+    PQclear(res);
+    cr_assert_fail("SQL failed on %s: %s\n  %s", st->db, msg, sql);
+  }
+  return res;
+}
+
+char *it_pg_scalar(it_stack_t *st, const char *sql) {
+  PGresult *res = pg_query(st, sql);
+  char *out = NULL;
+  if (PQntuples(res) > 0 && PQnfields(res) > 0 && !PQgetisnull(res, 0, 0))
+    out = qm_strdup(PQgetvalue(res, 0, 0));
+  PQclear(res);
+  return out;
+}
+
+long long it_pg_int(it_stack_t *st, const char *sql) {
+  char *s = it_pg_scalar(st, sql);
+  char *end = NULL;
+  errno = 0;
+  long long v = s ? strtoll(s, &end, 10) : 0;
+  bool ok = s && *s && end && !*end && errno == 0;
+  cr_assert(ok, "expected an integer from: %s\n  got: %s", sql, s ? s : "(no row / NULL)");
+  free(s);
+  return v;
+}
+
+json_t *it_pg_rows(it_stack_t *st, const char *sql) {
+  PGresult *res = pg_query(st, sql);
+  json_t *rows = json_array();
+  for (int r = 0; r < PQntuples(res); r++) {
+    json_t *row = json_array();
+    for (int c = 0; c < PQnfields(res); c++)
+      json_array_append_new(row, PQgetisnull(res, r, c) ? json_null()
+                                                        : json_string(PQgetvalue(res, r, c)));
+    json_array_append_new(rows, row);
+  }
+  PQclear(res);
+  return rows;
+}
+
+/* Runs one statement on the administrative database; returns the error text
+ * (caller frees) or NULL on success. */
+static char *pg_admin(const char *sql) {
+  PGconn *c = PQconnectdb(IT_PG_ADMIN_DSN);
+  if (PQstatus(c) != CONNECTION_OK) {
+    char *e = qm_asprintf("cannot connect (%s): %s", IT_PG_ADMIN_DSN, PQerrorMessage(c));
+    PQfinish(c);
+    return e;
+  }
+  PGresult *res = PQexec(c, sql);
+  char *e = NULL;
+  if (PQresultStatus(res) != PGRES_COMMAND_OK) e = qm_strdup(PQresultErrorMessage(res));
+  PQclear(res);
+  PQfinish(c);
+  return e;
+}
+
+/* ------------------------------------------------------------ Kafka topics */
+
+static void topic_names(const it_stack_t *st, char **names, size_t *n) {
+  *n = 0;
+  for (size_t i = 0; i < qm_topics_count; i++) {
+    names[(*n)++] = qm_asprintf("%s%s", st->prefix, qm_topics_all[i]);
+    names[(*n)++] = qm_asprintf("%s%s%s", st->prefix, qm_topics_all[i], QM_DLQ_SUFFIX);
+  }
+}
+
+char *it_topic(const it_stack_t *st, const char *base) {
+  return qm_asprintf("%s%s", st->prefix, base);
+}
+
+/* Best effort: deletes the run's topics so the broker does not pile up
+ * partitions from passed runs. Failures are only reported. */
+static void topics_delete(const it_stack_t *st) {
+  char *names[32];
+  size_t n = 0;
+  topic_names(st, names, &n);
+  char errstr[512];
+  rd_kafka_conf_t *conf = rd_kafka_conf_new();
+  rd_kafka_conf_set(conf, "bootstrap.servers", IT_BROKERS, errstr, sizeof(errstr));
+  rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+  if (!rk) {
+    rd_kafka_conf_destroy(conf);
+    it_note(st, "topic clean-up skipped: %s", errstr);
+    goto out;
+  }
+  rd_kafka_DeleteTopic_t *dt[32];
+  for (size_t i = 0; i < n; i++) dt[i] = rd_kafka_DeleteTopic_new(names[i]);
+  rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+  rd_kafka_DeleteTopics(rk, dt, n, NULL, q);
+  rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 15000);
+  if (!ev || rd_kafka_event_error(ev))
+    it_note(st, "topic clean-up: %s", ev ? rd_kafka_event_error_string(ev) : "timed out");
+  if (ev) rd_kafka_event_destroy(ev);
+  rd_kafka_DeleteTopic_destroy_array(dt, n);
+  rd_kafka_queue_destroy(q);
+  rd_kafka_destroy(rk);
+out:
+  for (size_t i = 0; i < n; i++) free(names[i]);
+}
+
+/* ------------------------------------------------------------ services */
+
+static int http_status_quick(int port, const char *path) {
+  char url[256];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", port, path);
+  it_resp_t r;
+  long s = http_do("GET", url, NULL, NULL, NULL, &r);
+  it_resp_clear(&r);
+  return (int)s;
+}
+
+static void fail_with_log(const it_stack_t *st, const char *log_path, const char *what) {
+  char *tail = file_tail(log_path, IT_LOG_TAIL_LINES);
+  it_note(st, "%s\n--- last %d lines of %s ---\n%s", what, IT_LOG_TAIL_LINES, log_path, tail);
+  cr_assert_fail("%s\n--- last %d lines of %s ---\n%s", what, IT_LOG_TAIL_LINES, log_path, tail);
+}
+
+static void service_env(const it_stack_t *st, const it_svc_t *s, it_env_t *env) {
+  char buf[64];
+  env_init(env);
+  env_set(env, "QM_PG_DSN", st->dsn);
+  env_set(env, "QM_KAFKA_BROKERS", IT_BROKERS);
+  env_set(env, "QM_TOPIC_PREFIX", st->prefix);
+  snprintf(buf, sizeof(buf), "%d", s->port);
+  env_set(env, "QM_HTTP_PORT", buf);
+  env_set(env, "QM_HTTP_ADDR", "127.0.0.1");
+  env_set(env, "QM_LOG_LEVEL", "info");
+  char *scim = qm_asprintf("http://127.0.0.1:%d/scim/v2", st->scim_port);
+  env_set(env, "QM_SCIM_URL", scim);
+  free(scim);
+  env_set(env, "QM_SCIM_TOKEN", IT_SCIM_TOKEN);
+  env_set(env, "QM_INTAKE_CATALOG_DIR", QM_SOURCE_DIR "/deploy/local/catalog");
+  env_set(env, "QM_INTAKE_PEOPLE_FILE", QM_SOURCE_DIR "/deploy/local/seed/people.json");
+  env_set(env, "QM_PROVISIONING_BACKOFF", "200ms");
+  env_set(env, "QM_SHUTDOWN_TIMEOUT", "10s");
+  /* The machine's PostgreSQL allows 100 connections, shared with whatever
+   * else runs here (a developer's own stack takes ~60): keep pools small. */
+  env_set(env, "QM_PG_POOL_SIZE", "4");
+}
+
+/* Starts the process of s (does not wait for readiness). */
+static void service_spawn(it_stack_t *st, it_svc_t *s) {
+  cr_assert(s->pid == 0, "%s is already running (pid %d)", s->name, (int)s->pid);
+  char *bin = qm_asprintf("%s/services/qm-%s", QM_BINARY_DIR, s->name);
+  cr_assert(access(bin, X_OK) == 0,
+            "%s is missing: build it first (cmake --build %s --target qm-%s)", bin, QM_BINARY_DIR,
+            s->name);
+  it_env_t env;
+  service_env(st, s, &env);
+  char *argv[] = {bin, NULL};
+  char when[40];
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  qm_time_format_rfc3339((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000, when, sizeof(when));
+  s->starts++;
+  append_line(s->log_path, "=== it harness: start #%d of qm-%s on 127.0.0.1:%d at %s (db %s, prefix %s) ===",
+              s->starts, s->name, s->port, when, st->db, st->prefix);
+  s->pid = spawn_logged(bin, argv, env.v, s->log_path);
+  env_free(&env);
+  free(bin);
+}
+
+/* Waits until s answers GET /readyz with 200 (bound IT_READY_BOUND_MS). */
+static void service_wait_ready(it_stack_t *st, it_svc_t *s) {
+  int64_t t0 = it_now_ms(), deadline = t0 + IT_READY_BOUND_MS;
+  int last = 0;
+  for (;;) {
+    int rc = wait_exit(s->pid, 0);
+    if (rc != -2) {
+      s->pid = 0;
+      char what[256];
+      snprintf(what, sizeof(what), "qm-%s exited during start-up with status %d", s->name, rc);
+      fail_with_log(st, s->log_path, what);
+    }
+    last = http_status_quick(s->port, "/readyz");
+    if (last == 200) break;
+    if (it_now_ms() >= deadline) {
+      char what[256];
+      snprintf(what, sizeof(what), "qm-%s not ready after %d s (last GET /readyz: %d)", s->name,
+               IT_READY_BOUND_MS / 1000, last);
+      fail_with_log(st, s->log_path, what);
+    }
+    it_sleep_ms(50);
+  }
+  it_note(st, "qm-%s ready on :%d (pid %d, %.1fs)", s->name, s->port, (int)s->pid,
+          (double)(it_now_ms() - t0) / 1000.0);
+}
+
+void it_service_start(it_stack_t *st, const char *name) {
+  it_svc_t *s = svc_find(st, name);
+  service_spawn(st, s);
+  service_wait_ready(st, s);
+}
+
+void it_service_kill9(it_stack_t *st, const char *name) {
+  it_svc_t *s = svc_find(st, name);
+  cr_assert(s->pid > 0, "kill -9 %s: it is not running", name);
+  cr_assert(kill(s->pid, SIGKILL) == 0, "kill -9 %s (pid %d): %s", name, (int)s->pid,
+            strerror(errno));
+  int rc = wait_exit(s->pid, 10000);
+  it_note(st, "qm-%s (pid %d) killed with SIGKILL (status %d)", name, (int)s->pid, rc);
+  append_line(s->log_path, "=== it harness: qm-%s pid %d killed with SIGKILL ===", name, (int)s->pid);
+  s->pid = 0;
+}
+
+int it_service_term(it_stack_t *st, const char *name, int timeout_ms) {
+  it_svc_t *s = svc_find(st, name);
+  cr_assert(s->pid > 0, "SIGTERM %s: it is not running", name);
+  kill(s->pid, SIGTERM);
+  int rc = wait_exit(s->pid, timeout_ms);
+  if (rc == -2) {
+    kill(s->pid, SIGKILL);
+    wait_exit(s->pid, 5000);
+    rc = -1;
+  }
+  it_note(st, "qm-%s (pid %d) after SIGTERM: status %d", name, (int)s->pid, rc);
+  s->pid = 0;
+  return rc;
+}
+
+int it_service_port(const it_stack_t *st, const char *name) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (!strcmp(st->svc[i].name, name)) return st->svc[i].port;
+  cr_assert_fail("unknown service '%s'", name);
+  return 0;
+}
+
+bool it_service_running(it_stack_t *st, const char *name) {
+  it_svc_t *s = svc_find(st, name);
+  if (s->pid <= 0) return false;
+  int rc = wait_exit(s->pid, 0);
+  if (rc == -2) return true;
+  append_line(s->log_path, "=== it harness: qm-%s pid %d found exited with status %d ===", name,
+              (int)s->pid, rc);
+  s->pid = 0;
+  return false;
+}
+
+char *it_service_log_tail(const it_stack_t *st, const char *name, int n) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (!strcmp(st->svc[i].name, name)) return file_tail(st->svc[i].log_path, n);
+  cr_assert_fail("unknown service '%s'", name);
+  return NULL;
+}
+
+/* ------------------------------------------------------------ the stack */
+
+const char *it_stack_dsn(const it_stack_t *st) { return st->dsn; }
+const char *it_stack_db(const it_stack_t *st) { return st->db; }
+const char *it_stack_prefix(const it_stack_t *st) { return st->prefix; }
+const char *it_stack_log_dir(const it_stack_t *st) { return st->log_dir; }
+int it_stack_scim_port(const it_stack_t *st) { return st->scim_port; }
+
+static void global_init(void) {
+  curl_global_init(CURL_GLOBAL_DEFAULT);
+  qm_log_init("it", QM_LOG_WARN, stderr);
+}
+
+static void stack_sh_up(it_stack_t *st) {
+  char *log = qm_asprintf("%s/stack.log", st->log_dir);
+  const char *argv[] = {"/bin/bash", QM_SOURCE_DIR "/deploy/local/stack.sh", "up", NULL};
+  char *out = NULL, *err = NULL;
+  int rc = it_run(argv, NULL, 300000, &out, &err);
+  append_line(log, "=== stack.sh up: status %d ===\n%s%s", rc, out, err);
+  free(out);
+  free(err);
+  if (rc != 0) fail_with_log(st, log, "deploy/local/stack.sh up failed");
+  free(log);
+}
+
+static void scim_start(it_stack_t *st) {
+  int avoid[IT_N_SERVICES + 1];
+  size_t n_avoid = 0;
+  ports_in_use(st, avoid, &n_avoid);
+  st->scim_port = free_port(avoid, n_avoid);
+  snprintf(st->scim_log, sizeof(st->scim_log), "%s/scim.log", st->log_dir);
+  char *node = which("node");
+  it_env_t env;
+  env_init(&env);
+  char port[16];
+  snprintf(port, sizeof(port), "%d", st->scim_port);
+  env_set(&env, "QM_SCIM_HOST", "127.0.0.1");
+  env_set(&env, "QM_SCIM_PORT", port);
+  env_set(&env, "QM_SCIM_SEED", QM_SOURCE_DIR "/deploy/local/seed/scim-seed.json");
+  env_set(&env, "QM_SCIM_TOKEN", IT_SCIM_TOKEN);
+  char *argv[] = {node, QM_SOURCE_DIR "/deploy/local/scim/server.js", NULL};
+  append_line(st->scim_log, "=== it harness: private SCIM peer on 127.0.0.1:%d ===", st->scim_port);
+  st->scim_pid = spawn_logged(node, argv, env.v, st->scim_log);
+  env_free(&env);
+  free(node);
+  int64_t deadline = it_now_ms() + 20000;
+  for (;;) {
+    int rc = wait_exit(st->scim_pid, 0);
+    if (rc != -2) {
+      st->scim_pid = 0;
+      fail_with_log(st, st->scim_log, "the private SCIM peer exited during start-up");
+    }
+    if (http_status_quick(st->scim_port, "/healthz") == 200) break;
+    if (it_now_ms() >= deadline)
+      fail_with_log(st, st->scim_log, "the private SCIM peer did not answer /healthz within 20 s");
+    it_sleep_ms(50);
+  }
+  it_note(st, "private SCIM peer ready on :%d (pid %d)", st->scim_port, (int)st->scim_pid);
+}
+
+it_stack_t *it_stack_up_only(const char *run_name, const char *const *services) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, global_init);
+  cr_assert(it_live == NULL, "it_stack_up: a stack is already up in this test");
+  it_stack_t *st = qm_calloc(1, sizeof(*st));
+  st->t0_ms = it_now_ms();
+  pthread_mutex_init(&st->scim_lock, NULL);
+  char name_us[32], name_dash[32];
+  sanitize(run_name, '_', name_us, sizeof(name_us));
+  sanitize(run_name, '-', name_dash, sizeof(name_dash));
+  qm_strlcpy(st->run, run_name, sizeof(st->run));
+  snprintf(st->db, sizeof(st->db), "qm_it_%s_%d", name_us, (int)getpid());
+  snprintf(st->dsn, sizeof(st->dsn), "host=127.0.0.1 port=5432 user=postgres dbname=%s", st->db);
+  snprintf(st->prefix, sizeof(st->prefix), "it-%s-%d-%lld.", name_dash, (int)getpid(),
+           (long long)time(NULL));
+  snprintf(st->log_dir, sizeof(st->log_dir), "%s/it-logs/%s", QM_BINARY_DIR, st->run);
+  for (size_t i = 0; i < IT_N_SERVICES; i++) {
+    st->svc[i].name = it_service_names[i];
+    snprintf(st->svc[i].log_path, sizeof(st->svc[i].log_path), "%s/it-logs/%s/%s.log",
+             QM_BINARY_DIR, st->run, it_service_names[i]);
+  }
+  it_live = st; /* from here on it_fini() cleans up */
+  mkdir_p(st->log_dir);
+  it_note(st, "stack up: db %s, prefix %s, logs %s", st->db, st->prefix, st->log_dir);
+
+  stack_sh_up(st);
+  it_note(st, "local stack up (stack.sh)");
+
+  char *sql = qm_asprintf("DROP DATABASE IF EXISTS \"%s\" WITH (FORCE)", st->db);
+  char *e = pg_admin(sql);
+  free(sql);
+  cr_assert(e == NULL, "dropping a stale %s: %s", st->db, e);
+  sql = qm_asprintf("CREATE DATABASE \"%s\"", st->db);
+  e = pg_admin(sql);
+  free(sql);
+  cr_assert(e == NULL, "CREATE DATABASE %s: %s", st->db, e);
+
+  char *names[32];
+  size_t n = 0;
+  topic_names(st, names, &n);
+  char errstr[1024] = "";
+  int rc = qm_kafka_create_topics(IT_BROKERS, (const char *const *)names, n, 3, 1, 30000, errstr,
+                                  sizeof(errstr));
+  for (size_t i = 0; i < n; i++) free(names[i]);
+  cr_assert(rc == QM_OK, "creating topics under %s on %s: %s: %s", st->prefix, IT_BROKERS,
+            qm_strerror(rc), errstr);
+  it_note(st, "database and %zu topics created", n);
+
+  scim_start(st);
+
+  int avoid[IT_N_SERVICES + 1];
+  for (size_t i = 0; i < IT_N_SERVICES; i++) {
+    size_t n_avoid = 0;
+    ports_in_use(st, avoid, &n_avoid);
+    st->svc[i].port = free_port(avoid, n_avoid);
+  }
+  bool want[IT_N_SERVICES];
+  for (size_t i = 0; i < IT_N_SERVICES; i++) {
+    want[i] = services == NULL;
+    for (size_t k = 0; services && services[k]; k++)
+      want[i] = want[i] || !strcmp(services[k], it_service_names[i]);
+  }
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (want[i]) service_spawn(st, &st->svc[i]);
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (want[i]) service_wait_ready(st, &st->svc[i]);
+  it_note(st, "stack ready");
+  return st;
+}
+
+it_stack_t *it_stack_up(const char *run_name) { return it_stack_up_only(run_name, NULL); }
+
+/* Stops every process of st (services first, then the SCIM peer) and closes
+ * the database connection. */
+static void stack_stop(it_stack_t *st) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (st->svc[i].pid > 0) kill(st->svc[i].pid, SIGTERM);
+  for (size_t i = 0; i < IT_N_SERVICES; i++) {
+    it_svc_t *s = &st->svc[i];
+    if (s->pid <= 0) continue;
+    int rc = stop_pid(s->pid, IT_STOP_GRACE_MS);
+    if (rc != 0)
+      it_note(st, "qm-%s (pid %d) stopped with status %d%s", s->name, (int)s->pid, rc,
+              rc == -1 ? " (needed SIGKILL after 10 s)" : "");
+    append_line(s->log_path, "=== it harness: qm-%s pid %d stopped, status %d ===", s->name,
+                (int)s->pid, rc);
+    s->pid = 0;
+  }
+  if (st->scim_pid > 0) stop_pid(st->scim_pid, 5000);
+  st->scim_pid = 0;
+  if (st->pg) PQfinish(st->pg);
+  st->pg = NULL;
+}
+
+static void stack_free(it_stack_t *st) {
+  json_decref(st->scim_users);
+  pthread_mutex_destroy(&st->scim_lock);
+  free(st);
+}
+
+void it_stack_down(it_stack_t *st) {
+  if (!st) return;
+  stack_stop(st);
+  char *sql = qm_asprintf("DROP DATABASE IF EXISTS \"%s\" WITH (FORCE)", st->db);
+  char *e = pg_admin(sql);
+  free(sql);
+  if (e) it_note(st, "could not drop database %s: %s", st->db, e);
+  free(e);
+  topics_delete(st);
+  it_note(st, "passed: database %s dropped, topics %s* deleted; logs in %s", st->db, st->prefix,
+          st->log_dir);
+  if (it_live == st) it_live = NULL;
+  stack_free(st);
+}
+
+void it_fini(void) {
+  it_stack_t *st = it_live;
+  if (!st) return;
+  it_live = NULL;
+  stack_stop(st);
+  it_note(st, "FAILED: kept database %s (psql -h 127.0.0.1 -U postgres %s) and topics %s*; logs in %s",
+          st->db, st->db, st->prefix, st->log_dir);
+  stack_free(st);
+}
