@@ -11,9 +11,12 @@ say() { printf '[qm] %s\n' "$*"; }
 
 bash "$ROOT/deploy/local/install-deps.sh"
 say "building into $BUILD"
-cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$BUILD" -j"$(nproc)" 2>&1 | grep -E 'error|warning|Error' || true
-[[ -x "$BUILD/services/qm-intake" ]] || { say "build failed: run cmake --build $BUILD to see why"; exit 1; }
+mkdir -p "$BUILD"
+cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$BUILD/configure.log" 2>&1 ||
+    { tail -n 30 "$BUILD/configure.log"; say "cmake configure failed (log above)"; exit 1; }
+cmake --build "$BUILD" -j"$(nproc)" --target qm-intake qm-approval qm-provisioning \
+    qm-fulfillment qm-audit qm-admin qm-loadgen >"$BUILD/build.log" 2>&1 ||
+    { grep -E 'error|Error' "$BUILD/build.log" | head -n 30; say "build failed (full log: $BUILD/build.log)"; exit 1; }
 bash "$ROOT/deploy/local/stack.sh" up
 "$BUILD/tools/qm-admin" create-topics --brokers "127.0.0.1:${QM_KAFKA_PORT:-9092}"
 QM_BUILD_DIR="$BUILD" bash "$ROOT/deploy/local/services.sh" start
