@@ -414,6 +414,15 @@ static int qm_service_ready_pg(void *ctx, char *why, size_t why_size) {
   return rc;
 }
 
+/* Fails from the moment SIGTERM arrives, before the batch in hand finishes,
+ * so the orchestrator stops sending traffic at once. */
+static int qm_service_ready_running(void *ctx, char *why, size_t why_size) {
+  QM_UNUSED(ctx);
+  if (qm_shutdown_requested())
+    return qm_err(why, why_size, QM_ESHUTDOWN, "shutting down");
+  return QM_OK;
+}
+
 static int qm_service_ready_kafka(void *ctx, char *why, size_t why_size) {
   qm_service_t *svc = ctx;
   int rc = qm_producer_ping(svc->producer, 1000);
@@ -614,6 +623,7 @@ static int qm_service_start(qm_service_t *svc) {
     qm_log(QM_LOG_FATAL, NULL, NULL, "HTTP server: %s", errstr);
     return 1;
   }
+  qm_http_ready_check(svc->http, "running", qm_service_ready_running, svc);
   qm_http_ready_check(svc->http, "postgres", qm_service_ready_pg, svc);
   qm_http_ready_check(svc->http, "kafka", qm_service_ready_kafka, svc);
   if (def->uses_redis) qm_http_ready_check(svc->http, "redis", qm_service_ready_redis, svc);
