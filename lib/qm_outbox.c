@@ -103,10 +103,15 @@ static int outbox_b64_decode(const char *s, unsigned char **out, size_t *len) {
 int qm_outbox_add(qm_pg_t *c, const qm_event_out_t *ev, char *errstr, size_t errstr_size) {
   int rc = QM_OK;
   char *headers = NULL;
-  if (!ev || !ev->topic || !*ev->topic || !ev->meta.id[0] || !ev->meta.source[0] ||
-      !ev->meta.type[0])
+  /* An event either has its own CloudEvents attributes, or — a dead letter
+   * from qm_dlq_build() — none, and carries the original headers verbatim. */
+  bool own_meta = ev && ev->meta.id[0];
+  if (!ev || !ev->topic || !*ev->topic ||
+      (own_meta && (!ev->meta.source[0] || !ev->meta.type[0])) ||
+      (!own_meta && (ev->meta.source[0] || ev->meta.type[0] || ev->n_headers == 0)))
     return qm_err(errstr, errstr_size, QM_EINVAL,
-                  "outbox event needs a topic, ce_id, ce_source and ce_type");
+                  "outbox event needs a topic and either ce_id, ce_source and ce_type, or "
+                  "none of them and its own headers (a dead letter)");
   if ((rc = outbox_headers_json(ev, &headers, errstr, errstr_size)) != QM_OK) goto out;
   char channel[PG_MAX_IDENT + 1];
   outbox_channel(qm_pg_schema(c), channel, sizeof(channel));

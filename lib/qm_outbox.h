@@ -66,9 +66,12 @@ extern const qm_migration_t qm_outbox_migration;
 /* Appends ev to the outbox inside the caller's open transaction on c, and
  * sends a NOTIFY on "qm_outbox_<schema>" (delivered only if the transaction
  * commits) so the relay wakes at once. Binary-safe for key, payload and
- * header values. ev is borrowed for the call. Requires topic, meta.id,
- * meta.source and meta.type (QM_EINVAL otherwise); other errors are those of
- * qm_pg_exec(). An empty subject or traceparent is stored as NULL. */
+ * header values. ev is borrowed for the call. Requires a topic and either
+ * meta.id, meta.source and meta.type, or — a dead letter built by
+ * qm_dlq_build(), whose original headers travel verbatim — an empty meta and
+ * at least one header (QM_EINVAL otherwise); the relay then writes no ce_*
+ * headers of its own. Other errors are those of qm_pg_exec(). An empty
+ * subject or traceparent is stored as NULL. */
 int qm_outbox_add(qm_pg_t *c, const qm_event_out_t *ev, char *errstr, size_t errstr_size);
 
 /* Deletes up to limit published rows older than older_than_ms (by

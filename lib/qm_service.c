@@ -43,6 +43,9 @@ const qm_cfg_def_t qm_service_config_defs[] = {
      "Most events handled in one database transaction.", 1, 10000, 0},
     {"QM_CONSUMER_WAIT", QM_CFG_MS, "100ms",
      "How long the consumer waits for the first event of a batch.", 1, 10000, 0},
+    {"QM_INBOX_RETENTION", QM_CFG_MS, "14d",
+     "How long applied event ids are remembered to drop duplicates; keep it above the "
+     "topics' retention.", 3600000, 3650LL * 24 * 3600 * 1000, 0},
     {"QM_CONSUMER_MAX_ATTEMPTS", QM_CFG_INT, "5",
      "Attempts at an event that fails unexpectedly before it is dead-lettered.", 1, 1000, 0},
     {"QM_OUTBOX_POLL", QM_CFG_MS, "20ms",
@@ -106,6 +109,7 @@ struct qm_service {
   qm_metric_family_t *m_events;     /* qm_consumer_events_total{topic,outcome} */
   qm_metric_family_t *m_batch_secs; /* qm_consumer_batch_duration_seconds */
   qm_metric_family_t *m_lag_secs;   /* qm_consumer_event_age_seconds */
+  int exit_code;                    /* non-zero after a fatal runtime error */
 };
 
 /* ------------------------------------------------------------ accessors */
@@ -194,16 +198,29 @@ int qm_service_tx(qm_service_t *svc, int timeout_ms,
 
 /* ------------------------------------------------------------ consumer */
 
-static void qm_service_count(qm_service_t *svc, const char *topic, const char *outcome) {
-  const char *labels[] = {topic, outcome};
-  qm_metrics_inc(qm_metrics_child(svc->m_events, labels));
-}
+/* What became of one consumed event; counted only once its batch commits. */
+typedef enum {
+  QM_OUTCOME_APPLIED = 0,
+  QM_OUTCOME_DUPLICATE,
+  QM_OUTCOME_DEAD_LETTER,
+  QM_OUTCOME_SKIPPED
+} qm_outcome_t;
+
+static const char *const qm_outcome_names[] = {"applied", "duplicate", "dead_letter", "skipped"};
+
+/* How hard to try an event that failed before in this batch. */
+typedef enum {
+  QM_TRY_HANDLE = 0,   /* run the handler */
+  QM_TRY_DEAD_LETTER,  /* it failed QM_CONSUMER_MAX_ATTEMPTS times: dead-letter it */
+  QM_TRY_SKIP          /* even dead-lettering failed: log loudly and move on */
+} qm_try_t;
 
 /* Writes the dead letter of ev to the outbox inside the open transaction and
  * claims ev's id in the inbox, so a redelivered poison message is not
  * dead-lettered twice. */
 static int qm_service_dead_letter(qm_service_t *svc, qm_pg_t *tx, const qm_event_in_t *ev,
-                                  const char *why, char *errstr, size_t errstr_size) {
+                                  const char *why, qm_outcome_t *outcome, char *errstr,
+                                  size_t errstr_size) {
   qm_header_t storage[64 + QM_DLQ_N_HEADERS];
   qm_dlq_buf_t buf;
   qm_event_out_t out;
@@ -212,71 +229,70 @@ static int qm_service_dead_letter(qm_service_t *svc, qm_pg_t *tx, const qm_event
   if (rc != QM_OK) return rc;
   if (ev->meta_valid) {
     rc = qm_inbox_claim(tx, ev->meta.id, ev->topic, errstr, errstr_size);
-    if (rc == QM_EDUP) return QM_OK; /* dead-lettered before */
+    if (rc == QM_EDUP) {
+      *outcome = QM_OUTCOME_DUPLICATE; /* dead-lettered before */
+      return QM_OK;
+    }
     if (rc != QM_OK) return rc;
   }
   rc = qm_outbox_add(tx, &out, errstr, errstr_size);
-  if (rc == QM_OK)
-    qm_log(QM_LOG_WARN, ev->meta_valid ? ev->meta.subject : NULL, NULL,
-           "dead-lettered %s[%d]@%lld to %s: %s (inspect the .dlq topic; the consumer moved on)",
-           ev->topic, ev->partition, (long long)ev->offset, out.topic, why);
-  return rc;
+  if (rc != QM_OK) return rc;
+  *outcome = QM_OUTCOME_DEAD_LETTER;
+  qm_log(QM_LOG_WARN, ev->meta_valid ? ev->meta.subject : NULL, NULL,
+         "dead-lettered %s[%d]@%lld to %s: %s (inspect the .dlq topic; the consumer moved on)",
+         ev->topic, ev->partition, (long long)ev->offset, out.topic, why);
+  return QM_OK;
+}
+
+/* The inbox id of an event: its ce_id, or for a dead letter its qm_dlq_id
+ * (or, lacking that, its position). */
+static void qm_service_event_id(const qm_event_in_t *ev, char *id, size_t id_size) {
+  if (!qm_event_topic_is_dlq(ev->topic)) {
+    qm_strlcpy(id, ev->meta.id, id_size);
+  } else if (!qm_event_header(ev, "qm_dlq_id", id, id_size)) {
+    snprintf(id, id_size, "%s/%d/%lld", ev->topic, ev->partition, (long long)ev->offset);
+  }
 }
 
 /* Applies one event inside the batch transaction, under its own savepoint.
- * Returns QM_OK when the event is settled (applied, duplicate or
- * dead-lettered) and the batch may go on, or the error that must abort the
- * batch (*failed_attempt_possible tells whether the handler itself failed). */
+ * Returns QM_OK when the event is settled (*outcome says how) and the batch
+ * may go on, or the error that must abort the batch. */
 static int qm_service_apply_one(qm_service_t *svc, qm_pg_t *tx, const qm_event_in_t *ev,
-                                bool force_dead_letter, const char *prior_error,
+                                qm_try_t how, const char *prior_error, qm_outcome_t *outcome,
                                 char *errstr, size_t errstr_size) {
+  bool dlq = qm_event_topic_is_dlq(ev->topic);
+  char id[128] = "";
+  qm_service_event_id(ev, id, sizeof(id));
   int rc = qm_pg_savepoint(tx, "ev", errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  if (qm_event_topic_is_dlq(ev->topic)) {
-    /* A dead letter is never dead-lettered again: its identity is the
-     * qm_dlq_id header (or its position), and a handler that cannot use it
-     * only logs. */
-    char id[96];
-    if (!qm_event_header(ev, "qm_dlq_id", id, sizeof(id)))
-      snprintf(id, sizeof(id), "%s/%d/%lld", ev->topic, ev->partition, (long long)ev->offset);
-    rc = qm_inbox_claim(tx, id, ev->topic, errstr, errstr_size);
-    if (rc == QM_EDUP) {
-      qm_service_count(svc, ev->topic, "duplicate");
-      rc = QM_OK;
-      goto release;
+  if (how == QM_TRY_SKIP) {
+    /* Last resort, so one event can never stall the partition: it stays in
+     * Kafka at this position for whoever investigates. */
+    qm_log_error("giving up on %s[%d]@%lld (event %s): %s; it could not even be dead-lettered. "
+                 "Skipped: the message remains in Kafka at that offset for replay by hand",
+                 ev->topic, ev->partition, (long long)ev->offset, id[0] ? id : "?", prior_error);
+    if (id[0] && (dlq || ev->meta_valid)) {
+      rc = qm_inbox_claim(tx, id, ev->topic, errstr, errstr_size);
+      if (rc != QM_OK && rc != QM_EDUP) {
+        if (rc == QM_ETRANSIENT) return rc;
+        qm_pg_rollback_to(tx, "ev", NULL, 0);
+      }
     }
-    if (rc != QM_OK) return rc;
-    char why[512] = "";
-    if (force_dead_letter) {
-      qm_strlcpy(why, prior_error, sizeof(why));
-      rc = QM_EPOISON;
-    } else {
-      rc = svc->def->handle(svc, svc->app, tx, ev, why, sizeof(why));
-    }
-    if (rc == QM_EPOISON || rc == QM_EINVAL) {
-      qm_log_error("dead letter %s[%d]@%lld could not be recorded: %s; skipped", ev->topic,
-                   ev->partition, (long long)ev->offset, why);
-      rc = qm_pg_rollback_to(tx, "ev", errstr, errstr_size);
-      if (rc == QM_OK) rc = qm_inbox_claim(tx, id, ev->topic, errstr, errstr_size);
-      if (rc == QM_EDUP) rc = QM_OK;
-    } else if (rc != QM_OK) {
-      qm_strlcpy(errstr, why[0] ? why : qm_strerror(rc), errstr_size);
-      return rc;
-    }
-    if (rc == QM_OK) qm_service_count(svc, ev->topic, "applied");
-    goto release;
+    *outcome = QM_OUTCOME_SKIPPED;
+    return qm_pg_release(tx, "ev", errstr, errstr_size);
   }
-  if (force_dead_letter || !ev->meta_valid) {
-    const char *why = force_dead_letter ? prior_error : ev->meta_error;
-    rc = qm_service_dead_letter(svc, tx, ev, why, errstr, errstr_size);
-    if (rc == QM_OK) qm_service_count(svc, ev->topic, "dead_letter");
-    goto release;
+  if (!dlq && (how == QM_TRY_DEAD_LETTER || !ev->meta_valid)) {
+    rc = qm_service_dead_letter(svc, tx, ev, how == QM_TRY_DEAD_LETTER ? prior_error : ev->meta_error,
+                                outcome, errstr, errstr_size);
+    return rc == QM_OK ? qm_pg_release(tx, "ev", errstr, errstr_size) : rc;
   }
-  rc = qm_inbox_claim(tx, ev->meta.id, ev->topic, errstr, errstr_size);
+  if (dlq && how == QM_TRY_DEAD_LETTER) /* a dead letter is never dead-lettered again */
+    return qm_service_apply_one(svc, tx, ev, QM_TRY_SKIP, prior_error, outcome, errstr,
+                                errstr_size);
+  rc = qm_inbox_claim(tx, id, ev->topic, errstr, errstr_size);
   if (rc == QM_EDUP) {
-    qm_service_count(svc, ev->topic, "duplicate");
-    rc = QM_OK;
-    goto release;
+    *outcome = QM_OUTCOME_DUPLICATE;
+    return qm_pg_release(tx, "ev", errstr, errstr_size);
   }
   if (rc != QM_OK) return rc;
   char why[512] = "";
@@ -284,46 +300,61 @@ static int qm_service_apply_one(qm_service_t *svc, qm_pg_t *tx, const qm_event_i
   if (rc == QM_EPOISON || rc == QM_EINVAL) {
     int rb = qm_pg_rollback_to(tx, "ev", errstr, errstr_size);
     if (rb != QM_OK) return rb;
-    rc = qm_service_dead_letter(svc, tx, ev, why[0] ? why : "rejected by handler", errstr,
-                                errstr_size);
-    if (rc == QM_OK) qm_service_count(svc, ev->topic, "dead_letter");
-    goto release;
+    if (dlq) {
+      char reason[600];
+      snprintf(reason, sizeof(reason), "dead letter not recordable: %s", why);
+      return qm_service_apply_one(svc, tx, ev, QM_TRY_SKIP, reason, outcome, errstr, errstr_size);
+    }
+    rc = qm_service_dead_letter(svc, tx, ev, why[0] ? why : "rejected by handler", outcome,
+                                errstr, errstr_size);
+    return rc == QM_OK ? qm_pg_release(tx, "ev", errstr, errstr_size) : rc;
   }
   if (rc != QM_OK) {
     qm_strlcpy(errstr, why[0] ? why : qm_strerror(rc), errstr_size);
     return rc;
   }
-  qm_service_count(svc, ev->topic, "applied");
-release:
-  if (rc != QM_OK) return rc;
+  *outcome = QM_OUTCOME_APPLIED;
   return qm_pg_release(tx, "ev", errstr, errstr_size);
 }
 
 /* Handles a batch in one transaction, retrying on failure. Infrastructure
  * failures (QM_ETRANSIENT) are retried until they clear or shutdown; an
  * event that keeps failing otherwise is dead-lettered after
- * QM_CONSUMER_MAX_ATTEMPTS. Returns QM_OK when the batch committed (its
- * offsets may be stored) or QM_ESHUTDOWN when shutdown interrupted it (its
- * offsets must not be stored: the events come back after restart). */
+ * QM_CONSUMER_MAX_ATTEMPTS (and skipped, loudly, if even that fails).
+ * Outcomes are counted only once the batch committed. Returns QM_OK when the
+ * batch committed (its offsets may be stored) or QM_ESHUTDOWN when shutdown
+ * interrupted it (its offsets must not be stored: the events come back after
+ * restart). */
 static int qm_service_handle_batch(qm_service_t *svc, qm_kmsg_t **msgs, size_t n) {
   int max_attempts = (int)qm_config_int(svc->cfg, "QM_CONSUMER_MAX_ATTEMPTS");
+  qm_outcome_t *outcomes = qm_calloc(n, sizeof(*outcomes));
   size_t poison_idx = (size_t)-1;
   int poison_attempts = 0;
   char poison_error[600] = "";
   int64_t backoff = 50;
+  int result;
   for (;;) {
     char errstr[512] = "";
     size_t failed_at = (size_t)-1;
     int rc = qm_pg_begin(svc->consumer_pg, errstr, sizeof(errstr));
     for (size_t i = 0; rc == QM_OK && i < n; i++) {
       const qm_event_in_t *ev = qm_kmsg_event(msgs[i]);
-      bool force = i == poison_idx && poison_attempts >= max_attempts;
-      rc = qm_service_apply_one(svc, svc->consumer_pg, ev, force, poison_error, errstr,
-                                sizeof(errstr));
+      qm_try_t how = QM_TRY_HANDLE;
+      if (i == poison_idx && poison_attempts > max_attempts) how = QM_TRY_SKIP;
+      else if (i == poison_idx && poison_attempts >= max_attempts) how = QM_TRY_DEAD_LETTER;
+      rc = qm_service_apply_one(svc, svc->consumer_pg, ev, how, poison_error, &outcomes[i],
+                                errstr, sizeof(errstr));
       if (rc != QM_OK) failed_at = i;
     }
     if (rc == QM_OK) rc = qm_pg_commit(svc->consumer_pg, errstr, sizeof(errstr));
-    if (rc == QM_OK) return QM_OK;
+    if (rc == QM_OK) {
+      for (size_t i = 0; i < n; i++) {
+        const char *labels[] = {qm_kmsg_event(msgs[i])->topic, qm_outcome_names[outcomes[i]]};
+        qm_metrics_inc(qm_metrics_child(svc->m_events, labels));
+      }
+      result = QM_OK;
+      break;
+    }
     qm_pg_rollback(svc->consumer_pg, NULL, 0);
     if (rc != QM_ETRANSIENT && failed_at != (size_t)-1) {
       if (failed_at != poison_idx) {
@@ -339,19 +370,52 @@ static int qm_service_handle_batch(qm_service_t *svc, qm_kmsg_t **msgs, size_t n
            "batch of %zu events rolled back (%s: %s); retrying in %lld ms", n, qm_strerror(rc),
            errstr, (long long)backoff);
     if (rc == QM_ETRANSIENT) qm_pg_ensure(svc->consumer_pg, qm_mono_ms() + backoff);
-    if (qm_shutdown_requested()) return QM_ESHUTDOWN;
+    if (qm_shutdown_requested()) { result = QM_ESHUTDOWN; break; }
     qm_sleep_ms(backoff);
-    if (qm_shutdown_requested()) return QM_ESHUTDOWN;
+    if (qm_shutdown_requested()) { result = QM_ESHUTDOWN; break; }
     backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
   }
+  free(outcomes);
+  return result;
+}
+
+/* SIGHUP: the JWKS file (key rotation) and whatever the service reloads. */
+static void qm_service_reload(qm_service_t *svc) {
+  if (!strcmp(qm_config_str(svc->cfg, "QM_AUTH_MODE"), "rs256")) {
+    char errstr[512];
+    if (qm_auth_reload(svc->auth, errstr, sizeof(errstr)) == QM_OK)
+      qm_log_info("JWKS reloaded from %s", qm_config_str(svc->cfg, "QM_AUTH_JWKS_FILE"));
+    else
+      qm_log_error("JWKS reload refused, keeping the current keys: %s", errstr);
+  }
+  if (svc->def->reload) svc->def->reload(svc, svc->app);
+}
+
+/* Deletes inbox rows older than QM_INBOX_RETENTION, a bounded number per call
+ * so the consumer is never held up long; called between batches. */
+static void qm_service_purge_inbox(qm_service_t *svc) {
+  int64_t keep = qm_config_ms(svc->cfg, "QM_INBOX_RETENTION");
+  int n;
+  int64_t total = 0, t0 = qm_mono_ms();
+  do {
+    n = qm_inbox_purge(svc->consumer_pg, keep, 5000);
+    if (n > 0) total += n;
+  } while (n == 5000 && qm_mono_ms() - t0 < 1000 && !qm_shutdown_requested());
+  if (n < 0) qm_log_warn("inbox purge failed (%s); retrying later", qm_strerror(n));
+  else if (total > 0) qm_log_info("inbox purge: %lld rows older than %lld ms deleted", (long long)total, (long long)keep);
 }
 
 static void qm_service_consume(qm_service_t *svc) {
   size_t max = (size_t)qm_config_int(svc->cfg, "QM_CONSUMER_BATCH");
   int wait = (int)qm_config_ms(svc->cfg, "QM_CONSUMER_WAIT");
   qm_kmsg_t **msgs = qm_calloc(max, sizeof(*msgs));
+  int64_t next_purge = qm_mono_ms() + 60000;
   while (!qm_shutdown_requested()) {
-    if (qm_reload_take() && svc->def->reload) svc->def->reload(svc, svc->app);
+    if (qm_reload_take()) qm_service_reload(svc);
+    if (qm_mono_ms() >= next_purge) {
+      qm_service_purge_inbox(svc);
+      next_purge = qm_mono_ms() + 60000;
+    }
     size_t n = 0;
     int rc = qm_consumer_poll_batch(svc->consumer, msgs, max, wait, &n);
     if (n > 0) {
@@ -372,7 +436,9 @@ static void qm_service_consume(qm_service_t *svc) {
       for (size_t i = 0; i < n; i++) qm_kmsg_destroy(msgs[i]);
     }
     if (rc == QM_EIO) {
-      qm_log_error("fatal Kafka consumer error; exiting so the orchestrator restarts the service");
+      qm_log_error("fatal Kafka consumer error; exiting with status 1 so the orchestrator "
+                   "restarts the service");
+      svc->exit_code = 1;
       qm_shutdown_request();
     }
   }
@@ -384,7 +450,8 @@ static void qm_service_consume(qm_service_t *svc) {
 static int qm_service_publish(void *ctx, const qm_event_out_t *evs, size_t n, int *results) {
   qm_service_t *svc = ctx;
   char errstr[256] = "";
-  int rc = qm_producer_send_batch(svc->producer, evs, n, 30000, results, errstr, sizeof(errstr));
+  /* Bounded well below QM_SHUTDOWN_TIMEOUT: undelivered rows stay in the outbox. */
+  int rc = qm_producer_send_batch(svc->producer, evs, n, 10000, results, errstr, sizeof(errstr));
   if (rc != QM_OK) qm_log_warn("outbox publish: %s", errstr);
   return rc;
 }
@@ -723,11 +790,12 @@ int qm_service_main(int argc, char **argv, const qm_service_def_t *def) {
       qm_service_consume(svc);
     else
       while (!qm_shutdown_requested()) {
-        if (qm_reload_take() && def->reload) def->reload(svc, svc->app);
+        if (qm_reload_take()) qm_service_reload(svc);
         qm_sleep_ms(200);
       }
   }
   qm_service_shutdown(svc);
+  if (rc == 0) rc = svc->exit_code;
   qm_service_free(svc);
   qm_log_info("qm-%s stopped", def->name);
   return rc;

@@ -268,6 +268,46 @@ Test(outbox, event_round_trips_binary_safe) {
   qm_relay_destroy(r);
 }
 
+/* Regression: a dead letter (qm_dlq_build() output: no meta of its own, the
+ * original headers verbatim) must be accepted and published without ce_*
+ * attributes of its own; refusing it stalled every consumer on one poison
+ * message. */
+Test(outbox, dead_letter_without_own_meta_round_trips) {
+  qm_pg_t *c = must_connect();
+  static const char orig_id[] = "6f1c2f4e-3d1b-4f7a-9a57-6e0f3b9d2c11";
+  qm_header_t hdrs[] = {{"ce_id", orig_id, sizeof(orig_id) - 1},
+                        {"qm_dlq_error", "payload is not a qm.v1.RequestEvent", 35}};
+  qm_event_out_t ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.topic = "qm.requests.v1.dlq";
+  ev.key = "p-0007";
+  ev.key_len = 6;
+  ev.payload = "\xff\xfe";
+  ev.payload_len = 2;
+  ev.headers = hdrs;
+  ev.n_headers = 2;
+  cr_assert_eq(qm_pg_begin(c, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  cr_assert_eq(qm_outbox_add(c, &ev, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  cr_assert_eq(qm_pg_commit(c, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  rec_t rec;
+  rec_init(&rec);
+  qm_relay_t *r = make_relay(&rec, 10, NULL);
+  run_until(r, &rec, 1);
+  cr_assert_str_eq(rec.topic, "qm.requests.v1.dlq");
+  cr_assert_str_eq(rec.meta.id, "", "a dead letter gets no ce_id of its own");
+  cr_assert_str_eq(rec.meta.type, "");
+  cr_assert_eq(rec.n_headers, 2);
+  cr_assert_str_eq(rec.hname[0], "ce_id");
+  cr_assert_str_eq(rec.hname[1], "qm_dlq_error");
+  qm_relay_destroy(r);
+  /* Neither half-filled meta nor an empty event without headers is accepted. */
+  ev.n_headers = 0;
+  cr_assert_eq(qm_outbox_add(admin, &ev, errstr, sizeof(errstr)), QM_EINVAL);
+  ev.n_headers = 2;
+  qm_strlcpy(ev.meta.type, "qm.x.v1", sizeof(ev.meta.type));
+  cr_assert_eq(qm_outbox_add(admin, &ev, errstr, sizeof(errstr)), QM_EINVAL);
+}
+
 Test(outbox, add_validates) {
   qm_event_out_t ev = make_event("", "k");
   cr_assert_eq(qm_outbox_add(admin, &ev, errstr, sizeof(errstr)), QM_EINVAL);
