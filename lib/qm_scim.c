@@ -739,14 +739,19 @@ int qm_scim_find_group(qm_scim_t *s, const char *display_name, char *id_out, siz
                       errstr_size);
 }
 
-/* PATCH /Groups/{group_id} with one member operation; add is true for add. */
+/* PATCH /Groups/{group_id} with one member operation; add is true for add.
+ * An add may carry n members in one operation; a remove always one. */
 static int qm_scim_patch_member(qm_scim_t *s, bool add, const char *group_id,
-                                const char *user_id, char *errstr, size_t errstr_size) {
+                                const char *const *user_ids, size_t n, char *errstr,
+                                size_t errstr_size) {
   int rc = QM_OK;
   qm_scim_resp_t resp = {0};
   json_t *op = NULL, *doc = NULL;
   char *gid = NULL, *path = NULL, *body = NULL, *escaped = NULL, *filter = NULL;
-  if (!group_id || !*group_id || !user_id || !*user_id) {
+  const char *user_id = n > 0 ? user_ids[0] : NULL;
+  bool ids_ok = group_id && *group_id && n > 0 && (add || n == 1);
+  for (size_t i = 0; ids_ok && i < n; i++) ids_ok = user_ids[i] && *user_ids[i];
+  if (!ids_ok) {
     rc = qm_err(errstr, errstr_size, QM_EINVAL, "scim: %s member: empty group or user id",
                 add ? "add" : "remove");
     goto out;
@@ -754,8 +759,11 @@ static int qm_scim_patch_member(qm_scim_t *s, bool add, const char *group_id,
   bool entra = s->dialect == QM_SCIM_DIALECT_ENTRA;
   if (add) {
     /* RFC 7644 §3.5.2.1: adding a value already present changes nothing. */
-    op = json_pack("{s:s, s:s, s:[{s:s}]}", "op", entra ? "Add" : "add", "path", "members",
-                   "value", "value", user_id);
+    json_t *values = json_array();
+    for (size_t i = 0; i < n; i++)
+      json_array_append_new(values, json_pack("{s:s}", "value", user_ids[i]));
+    op = json_pack("{s:s, s:s, s:o}", "op", entra ? "Add" : "add", "path", "members", "value",
+                   values);
   } else {
     /* RFC 7644 §3.5.2.2: a value filter removes exactly that member; a bare
      * "members" path would remove every member of the group. Entra ID accepts
@@ -787,6 +795,13 @@ static int qm_scim_patch_member(qm_scim_t *s, bool add, const char *group_id,
   char scim_type[64];
   char why[512];
   qm_scim_describe(&resp, why, sizeof(why), scim_type, sizeof(scim_type));
+  if (add && resp.status == 409 && n > 1) {
+    /* A server that refuses a duplicate refuses the whole operation, so the
+     * others may not have been added: add them one by one. */
+    for (size_t i = 0; i < n && rc == QM_OK; i++)
+      rc = qm_scim_patch_member(s, true, group_id, &user_ids[i], 1, errstr, errstr_size);
+    goto out;
+  }
   if (add && resp.status == 409) {
     /* Servers that treat members as a uniqueness-checked list answer an add of
      * an existing member with 409 (scimType uniqueness): the member is there,
@@ -821,12 +836,17 @@ out:
 
 int qm_scim_add_member(qm_scim_t *s, const char *group_id, const char *user_id, char *errstr,
                        size_t errstr_size) {
-  return qm_scim_patch_member(s, true, group_id, user_id, errstr, errstr_size);
+  return qm_scim_patch_member(s, true, group_id, &user_id, 1, errstr, errstr_size);
+}
+
+int qm_scim_add_members(qm_scim_t *s, const char *group_id, const char *const *user_ids,
+                        size_t n, char *errstr, size_t errstr_size) {
+  return qm_scim_patch_member(s, true, group_id, user_ids, n, errstr, errstr_size);
 }
 
 int qm_scim_remove_member(qm_scim_t *s, const char *group_id, const char *user_id,
                           char *errstr, size_t errstr_size) {
-  return qm_scim_patch_member(s, false, group_id, user_id, errstr, errstr_size);
+  return qm_scim_patch_member(s, false, group_id, &user_id, 1, errstr, errstr_size);
 }
 
 /* Reads a top-level integer that a server may also send as a string. -1 when absent. */

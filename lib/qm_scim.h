@@ -97,6 +97,14 @@ int qm_scim_find_group(qm_scim_t *scim, const char *display_name, char *id_out, 
 int qm_scim_add_member(qm_scim_t *scim, const char *group_id, const char *user_id, char *errstr,
                        size_t errstr_size);
 
+/* Adds n users to the group in one PATCH operation (one "add" with a list of
+ * values): how a connector keeps up when many grants hit the same group,
+ * since directories cost per request more than per member. Same outcomes as
+ * qm_scim_add_member() for all n together; a server that answers 409 to the
+ * list is asked again one member at a time. */
+int qm_scim_add_members(qm_scim_t *scim, const char *group_id, const char *const *user_ids,
+                        size_t n, char *errstr, size_t errstr_size);
+
 /* Makes user_id not a member of group_id (PATCH, op remove, path
  * members[value eq "<id>"] — never a bare "members", which would empty the
  * group). Not a member, or no such group, counts as success. */

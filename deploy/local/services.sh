@@ -54,8 +54,20 @@ start_one() {
     qm_die "$svc: not ready after 30 s (log above)"
 }
 
+# Seconds in QM_SHUTDOWN_TIMEOUT ("20s", "2m", "1500ms" or bare ms), rounded up.
+shutdown_seconds() {
+    local v="${QM_SHUTDOWN_TIMEOUT:-20s}"
+    case "$v" in
+    *ms) echo $(( (${v%ms} + 999) / 1000 )) ;;
+    *s) echo "${v%s}" ;;
+    *m) echo $(( ${v%m} * 60 )) ;;
+    *) echo $(( (v + 999) / 1000 )) ;;
+    esac
+}
+
 stop_one() {
-    qm_stop_pid "$1" "$QM_PID_DIR/$1.pid" "qm-$1" $(( ${QM_SHUTDOWN_TIMEOUT_S:-20} + 5 ))
+    # The service bounds its own shutdown; SIGKILL only if it overruns by 5 s.
+    qm_stop_pid "$1" "$QM_PID_DIR/$1.pid" "qm-$1" $(( $(shutdown_seconds) + 5 ))
 }
 
 status() {

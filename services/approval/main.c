@@ -107,13 +107,11 @@ static int open_step(qm_service_t *svc, qm_pg_t *tx, const qm_event_in_t *ev,
   qm_uuid_new(step_id);
   char line_no[16];
   snprintf(line_no, sizeof(line_no), "%d", line->line_no);
-  char approvers_arr[160];
-  snprintf(approvers_arr, sizeof(approvers_arr), "{\"%s\"}", approver);
   qm_pg_param_t p[] = {QM_PG_TEXT(step_id), QM_PG_TEXT(rs->request_id), QM_PG_TEXT(line_no),
-                       QM_PG_TEXT(kind_name), QM_PG_TEXT(approvers_arr)};
+                       QM_PG_TEXT(kind_name), QM_PG_TEXT(approver)};
   int rc = qm_pg_exec(tx,
                       "INSERT INTO approval_steps (step_id, request_id, line_no, stage, kind,"
-                      " approver_ids, status) VALUES ($1, $2, $3::int, 1, $4, $5::text[], 'pending')",
+                      " approver_ids, status) VALUES ($1, $2, $3::int, 1, $4, ARRAY[$5::text], 'pending')",
                       p, 5, NULL, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   char *ids[] = {(char *)approver};

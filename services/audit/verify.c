@@ -93,6 +93,44 @@ int audit_verify_main(int argc, char **argv) {
     qm_pg_result_destroy(res);
     if (n == 0 || status != 0) break;
   }
+  /* The head row is what appends update; it must match the last record.
+   * (A database administrator can rewrite it too: signed checkpoints kept
+   * elsewhere are the stronger check, see docs/audit.md.) */
+  if (status == 0) {
+    qm_pg_param_t hp[] = {QM_PG_TEXT(chain)};
+    qm_pg_result_t *res = NULL;
+    if (qm_pg_exec(pg, "SELECT seq, hash FROM chain_heads WHERE chain_id = $1", hp, 1, &res,
+                   errstr, sizeof(errstr)) != QM_OK) {
+      fprintf(stderr, "qm-audit verify: query failed: %s\n", errstr);
+      qm_pg_destroy(pg);
+      return 2;
+    }
+    if (qm_pg_ntuples(res) == 0 && checked == 0) {
+      printf("EMPTY: chain %s has no records and no head (nothing to verify)\n", chain);
+      qm_pg_result_destroy(res);
+      qm_pg_destroy(pg);
+      return 0;
+    }
+    int64_t head_seq = 0;
+    unsigned char *head = NULL;
+    size_t head_len = 0;
+    if (qm_pg_ntuples(res) == 1) {
+      qm_pg_get_int64(res, 0, 0, &head_seq);
+      qm_pg_get_bytes(res, 0, 1, &head, &head_len);
+    }
+    if (qm_pg_ntuples(res) == 0 || head_seq != last_seq) {
+      printf("BROKEN at sequence %lld: the chain head says %lld records but the ledger ends at "
+             "%lld (records were removed from the end, or appended around the head)\n",
+             (long long)(last_seq + 1), (long long)head_seq, (long long)last_seq);
+      status = 1;
+    } else if (head_len != CHAIN_HASH_LEN || memcmp(head, prev, CHAIN_HASH_LEN) != 0) {
+      printf("BROKEN at sequence %lld: the chain head's hash differs from the recomputed one\n",
+             (long long)last_seq);
+      status = 1;
+    }
+    free(head);
+    qm_pg_result_destroy(res);
+  }
   int64_t ms = qm_mono_ms() - t0;
   if (status == 0) {
     char hex[65];

@@ -88,6 +88,14 @@ static const qm_migration_t migrations[] = {
      " actor text NOT NULL DEFAULT '',"
      " summary text NOT NULL);"
      "CREATE INDEX timeline_request ON timeline (request_id, at_ms, id);"},
+    /* A cancellation that crosses an approval already made loses: the line
+     * goes on to approved and granted, which is what really happened. */
+    {3, "cancelled ranks below approved",
+     "CREATE OR REPLACE FUNCTION line_rank(s text) RETURNS int IMMUTABLE LANGUAGE sql AS $$"
+     " SELECT CASE s WHEN 'submitted' THEN 0 WHEN 'pending_approval' THEN 1"
+     " WHEN 'cancelled' THEN 2 WHEN 'approved' THEN 3 WHEN 'fulfilling' THEN 4"
+     " WHEN 'failed' THEN 4 WHEN 'granted' THEN 5 WHEN 'fulfilled' THEN 5"
+     " WHEN 'rejected' THEN 5 WHEN 'revoked' THEN 6 WHEN 'expired' THEN 6 ELSE -1 END $$;"},
 };
 
 static const qm_cfg_def_t config[] = {

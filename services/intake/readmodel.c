@@ -15,7 +15,9 @@
 #include "qm/v1/decisions.pb-c.h"
 #include "qm/v1/fulfillment.pb-c.h"
 
+#include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int readmodel_timeline(qm_pg_t *tx, const char *request_id, int line_no, int64_t at_ms,
@@ -51,14 +53,17 @@ int readmodel_recompute(qm_pg_t *tx, const char *request_id, char *errstr, size_
       p, 1, NULL, errstr, errstr_size);
 }
 
-/* Moves a line forward to status (never back), with who it waits on. */
+/* Moves a line forward to status (never back), with who it waits on (a JSON
+ * array of person ids; NULL for nobody). */
 static int set_line(qm_pg_t *tx, const char *request_id, int line_no, const char *status,
-                    const char *waiting_on, int64_t expires_at_ms, char *errstr,
+                    const char *waiting_on_json, int64_t expires_at_ms, char *errstr,
                     size_t errstr_size) {
   qm_pg_param_t p[] = {QM_PG_TEXT(request_id), QM_PG_INT64(line_no), QM_PG_TEXT(status),
-                       QM_PG_TEXT(waiting_on ? waiting_on : "{}"), QM_PG_INT64(expires_at_ms)};
+                       QM_PG_TEXT(waiting_on_json ? waiting_on_json : "[]"),
+                       QM_PG_INT64(expires_at_ms)};
   return qm_pg_exec(tx,
-                    "UPDATE request_lines SET status = $3, waiting_on = $4::text[],"
+                    "UPDATE request_lines SET status = $3,"
+                    " waiting_on = ARRAY(SELECT json_array_elements_text($4::json)),"
                     " expires_at_ms = CASE WHEN $5::bigint > 0 THEN $5::bigint ELSE expires_at_ms END,"
                     " updated_at = now()"
                     " WHERE request_id = $1 AND line_no = $2::int AND line_rank(status) < line_rank($3)",
@@ -85,15 +90,15 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     Qm__V1__ApprovalStepPending *sp = de->step_pending;
     rid = sp->request_id;
     line_no = sp->line_no;
-    char waiting[600] = "{";
-    size_t used = 1;
-    for (size_t i = 0; i < sp->n_approver_ids && used < sizeof(waiting) - 2; i++)
-      used += (size_t)snprintf(waiting + used, sizeof(waiting) - used, "%s\"%s\"", i ? "," : "",
-                               sp->approver_ids[i]);
-    qm_strlcpy(waiting + (used < sizeof(waiting) - 2 ? used : sizeof(waiting) - 2), "}", 2);
+    json_t *ids = json_array();
+    for (size_t i = 0; i < sp->n_approver_ids; i++)
+      json_array_append_new(ids, json_string(sp->approver_ids[i]));
+    char *waiting = json_dumps(ids, JSON_COMPACT);
+    json_decref(ids);
     snprintf(summary, sizeof(summary), "line %d waiting for approval by %s", line_no,
              sp->n_approver_ids ? sp->approver_ids[0] : "(nobody)");
     rc = set_line(tx, rid, line_no, "pending_approval", waiting, 0, errstr, errstr_size);
+    free(waiting);
     break;
   }
   case QM__V1__DECISION_EVENT__EVENT_STEP_DECIDED: {
@@ -114,7 +119,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     actor = ap->n_approvers ? actor_name(ap->approvers[ap->n_approvers - 1]) : "";
     snprintf(summary, sizeof(summary), "line %d approved %s%s", line_no,
              automatic ? "automatically (standard risk)" : "by ", automatic ? "" : actor);
-    rc = set_line(tx, rid, line_no, "approved", "{}", 0, errstr, errstr_size);
+    rc = set_line(tx, rid, line_no, "approved", NULL, 0, errstr, errstr_size);
     break;
   }
   case QM__V1__DECISION_EVENT__EVENT_REJECTED: {
@@ -123,7 +128,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     line_no = rj->line_no;
     actor = actor_name(rj->rejected_by);
     snprintf(summary, sizeof(summary), "line %d rejected by %s: %s", line_no, actor, rj->reason);
-    rc = set_line(tx, rid, line_no, "rejected", "{}", 0, errstr, errstr_size);
+    rc = set_line(tx, rid, line_no, "rejected", NULL, 0, errstr, errstr_size);
     break;
   }
   default:
@@ -155,7 +160,7 @@ static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t 
     if (g->expires_at_ms > 0) qm_time_format_rfc3339(g->expires_at_ms, exp, sizeof(exp));
     snprintf(summary, sizeof(summary), "line %d granted: %s added to %s via %s (expires: %s)",
              line_no, g->subject_person_id, g->group, g->connector, exp);
-    rc = set_line(tx, rid, line_no, "granted", "{}", g->expires_at_ms, errstr, errstr_size);
+    rc = set_line(tx, rid, line_no, "granted", NULL, g->expires_at_ms, errstr, errstr_size);
     break;
   }
   case QM__V1__ACCESS_EVENT__EVENT_FAILED: {
@@ -164,7 +169,7 @@ static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t 
     line_no = f->line_no;
     snprintf(summary, sizeof(summary), "line %d provisioning failed after %d attempt(s): %s",
              line_no, f->attempts, f->error);
-    rc = set_line(tx, rid, line_no, "failed", "{}", 0, errstr, errstr_size);
+    rc = set_line(tx, rid, line_no, "failed", NULL, 0, errstr, errstr_size);
     break;
   }
   case QM__V1__ACCESS_EVENT__EVENT_REVOKED: {
@@ -215,7 +220,7 @@ static int on_fulfillment(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, si
     const char *status = u->step == QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CHECKED_OUT ? "fulfilled"
                          : u->step == QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CANCELLED ? "cancelled"
                                                                                            : "fulfilling";
-    rc = set_line(tx, u->request_id, u->line_no, status, "{}", 0, errstr, errstr_size);
+    rc = set_line(tx, u->request_id, u->line_no, status, NULL, 0, errstr, errstr_size);
     if (rc == QM_OK)
       rc = readmodel_timeline(tx, u->request_id, u->line_no, ev->meta.time_ms, ev->meta.type,
                               ev->meta.id, u->actor_person_id, summary, errstr, errstr_size);

@@ -510,7 +510,16 @@ static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   const char *key = qm_http_req_header(req, "Idempotency-Key");
   qm_problem_t *pb = NULL;
   if (key && (!*key || strlen(key) > 200)) qm_api_field_error(&pb, "Idempotency-Key", "must be 1 to 200 characters");
-  s.idem_key = key;
+  /* Without a key of the caller's, a key of our own for this call: if COMMIT's
+   * outcome is unknown (connection lost) and the transaction is retried, the
+   * retry finds the first attempt's request instead of creating a second. */
+  char own_key[64];
+  if (!key) {
+    char u[QM_UUID_STR_LEN];
+    qm_uuid_new(u);
+    snprintf(own_key, sizeof(own_key), "qm-internal:%s", u);
+  }
+  s.idem_key = key ? key : own_key;
   size_t blen = 0;
   const char *raw = qm_http_req_body(req, &blen);
   sha256_hex(raw ? raw : "", blen, s.body_hash);
@@ -546,16 +555,17 @@ static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   char loc[96];
   snprintf(loc, sizeof(loc), "/v1/requests/%s", s.request_id);
   qm_http_resp_header(resp, "Location", loc);
-  if (s.replayed) qm_http_resp_header(resp, "Idempotent-Replayed", "true");
+  if (s.replayed && key) qm_http_resp_header(resp, "Idempotent-Replayed", "true");
   qm_log(QM_LOG_INFO, s.request_id, qm_http_req_trace_id(req), "request %s by %s for %s%s",
          s.replayed ? "replayed" : "submitted", s.who->sub, s.subject_id, s.replayed ? " (same Idempotency-Key)" : "");
-  qm_http_resp_json(resp, s.replayed ? 200 : 201, out);
+  qm_http_resp_json(resp, s.replayed && key ? 200 : 201, out);
 }
 
-/* May the caller see (and act on) this request? Requester, subject, the
- * subject's manager, or staff/auditors. */
-static int may_see(qm_pg_t *pg, const qm_principal_t *who, const char *id, bool *allowed,
-                   char *errstr, size_t errstr_size) {
+/* May the caller see this request (act == false) or act on it (act == true)?
+ * Requester, subject and the subject's manager may do both; helpdesk and
+ * it_admin too; auditors and security may only see. */
+static int may_see(qm_pg_t *pg, const qm_principal_t *who, const char *id, bool act,
+                   bool *allowed, char *errstr, size_t errstr_size) {
   static const char *const readers[] = {"helpdesk", "it_admin", "auditor", "security", NULL};
   qm_pg_param_t p[] = {QM_PG_TEXT(id), QM_PG_TEXT(who->sub)};
   qm_pg_result_t *res = NULL;
@@ -569,7 +579,8 @@ static int may_see(qm_pg_t *pg, const qm_principal_t *who, const char *id, bool 
     qm_pg_result_destroy(res);
     return QM_ENOTFOUND;
   }
-  *allowed = !strcmp(qm_pg_get(res, 0, 0), "t") || qm_api_has_any_role(who, readers);
+  *allowed = !strcmp(qm_pg_get(res, 0, 0), "t") ||
+             qm_api_has_any_role(who, act ? intake_staff_roles : readers);
   qm_pg_result_destroy(res);
   return QM_OK;
 }
@@ -588,7 +599,7 @@ static void get_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   char errstr[512];
   bool allowed = false;
   json_t *out = NULL;
-  int rc = may_see(pg, qm_http_req_principal(req), id, &allowed, errstr, sizeof(errstr));
+  int rc = may_see(pg, qm_http_req_principal(req), id, false, &allowed, errstr, sizeof(errstr));
   if (rc == QM_OK && allowed) rc = request_json(pg, id, true, &out, errstr, sizeof(errstr));
   qm_pg_pool_release(qm_service_pool(in->svc), pg);
   if (rc == QM_ENOTFOUND || (rc == QM_OK && !allowed))
@@ -662,10 +673,13 @@ typedef struct cancel {
 
 static int cancel_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
   cancel_t *c = ctx;
-  int rc = may_see(tx, c->who, c->id, &c->allowed, errstr, errstr_size);
-  if (rc == QM_ENOTFOUND) return QM_OK;
-  if (rc != QM_OK || !c->allowed) return rc;
+  bool sees = false;
+  int rc = may_see(tx, c->who, c->id, false, &sees, errstr, errstr_size);
+  if (rc == QM_ENOTFOUND || (rc == QM_OK && !sees)) return QM_OK;
+  if (rc != QM_OK) return rc;
   c->found = true;
+  rc = may_see(tx, c->who, c->id, true, &c->allowed, errstr, errstr_size);
+  if (rc != QM_OK || !c->allowed) return rc;
   qm_pg_param_t p[] = {QM_PG_TEXT(c->id)};
   qm_pg_result_t *res = NULL;
   rc = qm_pg_exec(tx,
@@ -696,8 +710,9 @@ static int cancel_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
   char summary[400];
   snprintf(summary, sizeof(summary), "cancelled by %s: %s (%d line(s) not yet decided)",
            c->who->sub, c->reason, c->cancelled);
-  return readmodel_timeline(tx, c->id, 0, qm_now_ms(), "qm.request.cancelled.v1", event_id,
-                            c->who->sub, summary, errstr, errstr_size);
+  rc = readmodel_timeline(tx, c->id, 0, qm_now_ms(), "qm.request.cancelled.v1", event_id,
+                          c->who->sub, summary, errstr, errstr_size);
+  return rc == QM_OK ? readmodel_recompute(tx, c->id, errstr, errstr_size) : rc;
 }
 
 static void cancel_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
@@ -733,6 +748,12 @@ static void cancel_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) 
   }
   if (!c.found) {
     qm_http_problem(resp, 404, "not-found", "No such request", "no request with this id that you may see");
+    return;
+  }
+  if (!c.allowed) {
+    qm_http_problem(resp, 403, "forbidden", "Not allowed to cancel",
+                    "the requester, the subject, the subject's manager, helpdesk or it_admin may "
+                    "cancel a request; auditors and security may only read it");
     return;
   }
   if (c.cancelled == 0) {

@@ -25,7 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CLAIM_BATCH 16
+#define CLAIM_BATCH 64
 
 typedef struct grant_op {
   int64_t id;
@@ -266,10 +266,21 @@ static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
   } else if (strcmp(o->op, "grant") != 0) {
     rc = qm_err(why, sizeof(why), QM_EINVAL, "operation '%s' is not supported yet", o->op);
   } else {
-    rc = qm_scim_find_user(prov->scim, o->username, user_id, sizeof(user_id), why, sizeof(why));
-    if (rc == QM_OK)
-      rc = qm_scim_find_group(prov->scim, o->grp, group_id, sizeof(group_id), why, sizeof(why));
-    if (rc == QM_OK) rc = qm_scim_add_member(prov->scim, group_id, user_id, why, sizeof(why));
+    /* Ids are cached; a directory that re-keyed a user or group (deleted and
+     * re-created it) refuses the stale id, so a refusal gets one more try
+     * with fresh lookups before it counts. */
+    for (int round = 0; round < 2; round++) {
+      rc = qm_scim_find_user(prov->scim, o->username, user_id, sizeof(user_id), why, sizeof(why));
+      if (rc == QM_OK)
+        rc = qm_scim_find_group(prov->scim, o->grp, group_id, sizeof(group_id), why, sizeof(why));
+      if (rc == QM_OK) rc = qm_scim_add_member(prov->scim, group_id, user_id, why, sizeof(why));
+      if (rc != QM_EINVAL && rc != QM_ENOTFOUND) break;
+      if (round == 0) {
+        qm_log(QM_LOG_WARN, o->request_id, NULL,
+               "grant %s: directory refused (%s); looking the ids up again", o->grant_id, why);
+        qm_scim_cache_clear(prov->scim);
+      }
+    }
   }
   char errstr[512] = "";
   int frc = rc == QM_OK ? finish_granted(prov, pg, o, user_id, group_id, errstr, sizeof(errstr))
@@ -280,6 +291,61 @@ static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
            "recording the outcome of grant %s failed (%s); it will be retried after its lease",
            o->grant_id, errstr);
     if (frc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+  }
+}
+
+/* Applies a claimed batch. Grants bound for the same group go to the
+ * directory in one PATCH (directories cost per request far more than per
+ * member); whatever that cannot settle — a lookup or the PATCH failing —
+ * takes the one-by-one path of apply_op(), which owns retries and parking. */
+static void apply_claimed(prov_t *prov, qm_pg_t *pg, const grant_op_t *ops, int n) {
+  bool done[CLAIM_BATCH] = {false};
+  static __thread char uids[CLAIM_BATCH][256];
+  for (int i = 0; i < n; i++) {
+    if (done[i] || strcmp(ops[i].op, "grant") || strcmp(ops[i].connector, "scim-main")) continue;
+    char group_id[256], why[512];
+    if (qm_scim_find_group(prov->scim, ops[i].grp, group_id, sizeof(group_id), why, sizeof(why)) != QM_OK)
+      continue;
+    int idx[CLAIM_BATCH], m = 0;
+    const char *ids[CLAIM_BATCH];
+    for (int j = i; j < n; j++) {
+      if (done[j] || strcmp(ops[j].op, "grant") || strcmp(ops[j].connector, "scim-main") ||
+          strcmp(ops[j].grp, ops[i].grp))
+        continue;
+      if (qm_scim_find_user(prov->scim, ops[j].username, uids[m], sizeof(uids[m]), why,
+                            sizeof(why)) != QM_OK)
+        continue;
+      idx[m] = j;
+      ids[m] = uids[m];
+      m++;
+    }
+    if (m < 2) continue;
+    if (qm_scim_add_members(prov->scim, group_id, ids, (size_t)m, why, sizeof(why)) != QM_OK) {
+      qm_log_warn("adding %d members to %s in one request failed (%s); trying them one by one", m,
+                  ops[i].grp, why);
+      continue;
+    }
+    for (int k = 0; k < m; k++) {
+      char errstr[512] = "";
+      const grant_op_t *o = &ops[idx[k]];
+      int rc = finish_granted(prov, pg, o, uids[k], group_id, errstr, sizeof(errstr));
+      if (rc != QM_OK) {
+        qm_log(QM_LOG_WARN, o->request_id, NULL,
+               "recording the outcome of grant %s failed (%s); it will be retried after its lease",
+               o->grant_id, errstr);
+        if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+      }
+      done[idx[k]] = true;
+    }
+  }
+  for (int i = 0; i < n; i++) {
+    if (done[i]) continue;
+    if (!atomic_load(&prov->stopping)) {
+      apply_op(prov, pg, &ops[i]);
+    } else { /* hand the rest back at once instead of waiting out the lease */
+      char e[256];
+      finish_failed(prov, pg, &ops[i], QM_ESHUTDOWN, "shutdown", e, sizeof(e));
+    }
   }
 }
 
@@ -299,18 +365,12 @@ static void *worker_main(void *arg) {
       qm_sleep_ms(1000);
     }
   }
-  grant_op_t ops[CLAIM_BATCH];
+  static __thread grant_op_t ops[CLAIM_BATCH];
   /* Stop claiming at the first sign of shutdown; what is in hand finishes. */
   while (pg && !atomic_load(&prov->stopping) && !qm_shutdown_requested()) {
     int n = claim(prov, pg, ops);
-    for (int i = 0; i < n; i++) {
-      if (!atomic_load(&prov->stopping)) apply_op(prov, pg, &ops[i]);
-      else { /* hand the rest back at once instead of waiting out the lease */
-        char e[256];
-        finish_failed(prov, pg, &ops[i], QM_ESHUTDOWN, "shutdown", e, sizeof(e));
-      }
-      free(ops[i].approved);
-    }
+    if (n > 0) apply_claimed(prov, pg, ops, n);
+    for (int i = 0; i < n; i++) free(ops[i].approved);
     if (n <= 0) {
       int64_t until = qm_mono_ms() + poll;
       while (qm_mono_ms() < until && !atomic_load(&prov->stopping) && !qm_shutdown_requested())

@@ -300,6 +300,36 @@ Test(scim_peer, add_and_remove_are_idempotent) { add_remove_twice(QM_SCIM_DIALEC
 
 Test(scim_peer, entra_dialect_add_and_remove) { add_remove_twice(QM_SCIM_DIALECT_ENTRA); }
 
+/* Several members in one PATCH, one of them already there: all end up members
+ * once, in one request. */
+Test(scim_peer, add_members_in_one_request) {
+  qm_scim_t *s = client(PEER_BASE, PEER_TOKEN, QM_SCIM_DIALECT_GENERIC);
+  char name[96], gid[128], u[3][128];
+  char *created = peer_create_group(name, sizeof(name));
+  cr_assert_eq(qm_scim_find_group(s, name, gid, sizeof(gid), errstr, sizeof(errstr)), QM_OK,
+               "%s", errstr);
+  const char *users[] = {"p-0004", "p-0005", "p-0006"};
+  const char *ids[3];
+  for (int i = 0; i < 3; i++) {
+    cr_assert_eq(qm_scim_find_user(s, users[i], u[i], sizeof(u[i]), errstr, sizeof(errstr)), 0,
+                 "%s", errstr);
+    ids[i] = u[i];
+  }
+  cr_assert_eq(qm_scim_add_member(s, gid, u[1], errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  qm_scim_stats_t before, after;
+  qm_scim_stats(s, &before);
+  cr_assert_eq(qm_scim_add_members(s, gid, ids, 3, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  qm_scim_stats(s, &after);
+  cr_assert_eq(after.attempts - before.attempts, 1, "one PATCH for three members");
+  members_t m = {0};
+  cr_assert_eq(qm_scim_list_members(s, gid, collect, &m, errstr, sizeof(errstr)), 0, "%s", errstr);
+  cr_assert_eq(m.n, 3, "members: %d", m.n);
+  for (int i = 0; i < 3; i++) cr_assert_eq(count_of(&m, u[i]), 1);
+  peer_delete_group(created);
+  free(created);
+  qm_scim_destroy(s);
+}
+
 Test(scim_peer, wrong_token_is_eauth) {
   qm_scim_t *s = client(PEER_BASE, "not-the-token", QM_SCIM_DIALECT_GENERIC);
   char id[128];

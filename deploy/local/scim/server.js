@@ -42,9 +42,32 @@ function strip(data) {
 
 // Match one resource at a time: scimmy's Filter.match throws on a resource that lacks
 // the filtered complex attribute (e.g. members[value eq "x"] against an empty group).
+// Fast path, as a real directory's index would do: a filter made only of
+// `<attr> eq "<value>"` terms (joined by "or") on userName or displayName is
+// answered by looking those values up, and scimmy's matcher still confirms
+// each candidate. Anything else scans. Case-insensitive, like the attributes.
+function indexedCandidates(filter, store) {
+    if (!Array.isArray(filter) || !filter.length) return null;
+    const wanted = new Set();
+    let attr = null;
+    for (const expr of filter) {
+        const keys = Object.keys(expr ?? {});
+        if (keys.length !== 1 || !["userName", "displayName"].includes(keys[0])) return null;
+        const [op, value] = expr[keys[0]] ?? [];
+        if (op !== "eq" || typeof value !== "string") return null;
+        if (attr && attr !== keys[0]) return null;
+        attr = keys[0];
+        wanted.add(value.toLowerCase());
+    }
+    const out = [];
+    for (const r of store.values())
+        if (typeof r[attr] === "string" && wanted.has(r[attr].toLowerCase())) out.push(plain(r));
+    return out;
+}
+
 function applyFilter(filter, store) {
-    const all = [...store.values()].map(plain);
-    if (!filter) return all;
+    if (!filter) return [...store.values()].map(plain);
+    const all = indexedCandidates(filter, store) ?? [...store.values()].map(plain);
     return all.filter((r) => {
         try {
             return filter.match([r]).length > 0;
