@@ -31,10 +31,18 @@ const qm_cfg_def_t qm_service_config_defs[] = {
     {"QM_PG_DSN", QM_CFG_STR, "host=127.0.0.1 port=5432 user=postgres dbname=quartermaster",
      "PostgreSQL connection string (libpq conninfo or URI). The service uses its own schema.", 0, 0,
      QM_CFG_SECRET},
-    {"QM_PG_POOL_SIZE", QM_CFG_INT, "8", "PostgreSQL connections for HTTP handlers and workers.", 1,
-     256, 0},
+    {"QM_PG_POOL_SIZE", QM_CFG_INT, "4",
+     "PostgreSQL connections shared by the HTTP handlers (the consumer, relay, readiness probe "
+     "and any workers have their own).", 1, 256, 0},
     {"QM_KAFKA_BROKERS", QM_CFG_STR, "127.0.0.1:9092", "Kafka bootstrap servers (host:port,...).", 0,
      0, 0},
+    {"QM_KAFKA_SESSION_TIMEOUT", QM_CFG_MS, "10s",
+     "How soon a crashed instance's partitions move to another (Kafka session timeout).", 6000,
+     300000, 0},
+    {"QM_INSTANCE_ID", QM_CFG_STR, "",
+     "Stable instance name (e.g. a StatefulSet pod name): enables Kafka static membership, so a "
+     "restarted instance gets its partitions back without a rebalance. Empty: dynamic.", 0, 0,
+     0},
     {"QM_TOPIC_PREFIX", QM_CFG_STR, "",
      "Prefix for every topic name (isolates tenants or test runs); empty in production.", 0, 0, 0},
     {"QM_CONSUMER_GROUP", QM_CFG_STR, "",
@@ -710,8 +718,19 @@ static int qm_service_start(qm_service_t *svc) {
                def->name);
       group = group_buf;
     }
-    rc = qm_consumer_new(brokers, group, topics, def->n_consumes, NULL, 0, &svc->consumer, errstr,
-                         sizeof(errstr));
+    int64_t session = qm_config_ms(cfg, "QM_KAFKA_SESSION_TIMEOUT");
+    char p_session[64], p_heartbeat[64], p_instance[192];
+    snprintf(p_session, sizeof(p_session), "session.timeout.ms=%lld", (long long)session);
+    snprintf(p_heartbeat, sizeof(p_heartbeat), "heartbeat.interval.ms=%lld", (long long)(session / 3));
+    const char *props[3] = {p_session, p_heartbeat, NULL};
+    size_t n_props = 2;
+    if (*qm_config_str(cfg, "QM_INSTANCE_ID")) {
+      snprintf(p_instance, sizeof(p_instance), "group.instance.id=%s-%s", def->name,
+               qm_config_str(cfg, "QM_INSTANCE_ID"));
+      props[n_props++] = p_instance;
+    }
+    rc = qm_consumer_new(brokers, group, topics, def->n_consumes, props, n_props, &svc->consumer,
+                         errstr, sizeof(errstr));
     free(topics);
     if (rc != QM_OK) {
       qm_log(QM_LOG_FATAL, NULL, NULL, "Kafka consumer: %s", errstr);

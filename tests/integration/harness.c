@@ -521,8 +521,8 @@ long it_http(it_stack_t *st, const char *svc, const char *method, const char *pa
 }
 
 char *it_token(const char *sub, const char *roles_csv) {
-  const char *roles[QM_AUTH_MAX_ROLES];
-  char *copies[QM_AUTH_MAX_ROLES];
+  const char *roles[QM_AUTH_MAX_ROLES] = {NULL};
+  char *copies[QM_AUTH_MAX_ROLES] = {NULL};
   size_t n = 0;
   const char *p = roles_csv ? roles_csv : "";
   while (*p && n < QM_AUTH_MAX_ROLES) {

@@ -6,6 +6,8 @@
  */
 #include "harness.h"
 
+#include "qm_common.h"
+
 #include <criterion/criterion.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,7 +57,7 @@ Test(e2e, one_request_granted_everywhere, .fini = it_fini) {
   cr_assert(r.location[0] != '\0', "201 without a Location header");
   cr_assert(strstr(r.location, id_j) != NULL, "Location %s does not name the request %s",
             r.location, id_j);
-  char *id = strdup(id_j);
+  char *id = qm_strdup(id_j);
   it_resp_clear(&r);
 
   /* Poll until granted (bound 30 s). */
@@ -64,6 +66,7 @@ Test(e2e, one_request_granted_everywhere, .fini = it_fini) {
   fprintf(stderr, "[it e2e] submit -> granted latency: %lld ms (polled every 25 ms)\n",
           (long long)latency_ms);
   char *req_text = it_json_text(req);
+  fprintf(stderr, "[it e2e] request %s: %s\n", id, req_text);
 
   json_t *lines = json_object_get(req, "lines");
   cr_assert_eq(json_array_size(lines), 1, "expected one line: %s", req_text);
@@ -126,9 +129,20 @@ Test(e2e, one_request_granted_everywhere, .fini = it_fini) {
   cr_assert_eq(r.status, 401, "GET %s without a token: %ld %s", path, r.status, r.body);
   it_resp_clear(&r);
 
+  /* A second request on the now warm pipeline: report its latency. */
+  char *token2 = it_token("p-0101", "employee");
+  int64_t t2 = it_now_ms();
+  char *id2 = it_request_submit(st, token2, "{\"reason\":\"chat\",\"lines\":[{\"item_id\":"
+                                            "\"slack\",\"role_id\":\"user\"}]}");
+  json_t *req2 = it_request_wait(st, id2, token2, "granted", 30000);
+  fprintf(stderr, "[it e2e] warm submit -> granted latency: %lld ms\n",
+          (long long)(it_now_ms() - t2));
+  json_decref(req2);
+  free(id2);
+  free(token2);
+
   /* The chain verifies. */
-  char *dsn_env = NULL;
-  if (asprintf(&dsn_env, "QM_PG_DSN=%s", it_stack_dsn(st)) < 0) cr_assert_fail("asprintf");
+  char *dsn_env = qm_asprintf("QM_PG_DSN=%s", it_stack_dsn(st));
   const char *argv[] = {QM_BINARY_DIR "/services/qm-audit", "verify", NULL};
   const char *env[] = {dsn_env, NULL};
   char *out = NULL, *err = NULL;
@@ -136,6 +150,19 @@ Test(e2e, one_request_granted_everywhere, .fini = it_fini) {
   cr_assert_eq(rc, 0, "qm-audit verify exited %d\nstdout: %s\nstderr: %s", rc, out, err);
   cr_assert(strstr(out, "OK") != NULL, "qm-audit verify did not print OK: %s", out);
   fprintf(stderr, "[it e2e] qm-audit verify: %s", out);
+
+  /* Graceful shutdown: each service exits 0 on SIGTERM, well within its
+   * QM_SHUTDOWN_TIMEOUT (10 s) plus a margin. */
+  static const char *const services[] = {"intake", "approval", "provisioning", "fulfillment",
+                                         "audit"};
+  for (size_t k = 0; k < sizeof(services) / sizeof(services[0]); k++) {
+    int64_t t_term = it_now_ms();
+    int status = it_service_term(st, services[k], 15000);
+    cr_assert_eq(status, 0, "qm-%s after SIGTERM: exit status %d (-1: still running after 15 s)\n%s",
+                 services[k], status, it_service_log_tail(st, services[k], 30));
+    fprintf(stderr, "[it e2e] qm-%s stopped cleanly in %lld ms\n", services[k],
+            (long long)(it_now_ms() - t_term));
+  }
 
   free(out);
   free(err);
