@@ -463,16 +463,22 @@ out:
   return rc;
 }
 
-/* Deletes published rows past retention, a few batches at a time. */
-static void relay_purge(qm_relay_t *r) {
+/* Deletes published rows past retention, a few batches at a time. Returns
+ * true when rows past retention remain (the rounds ran out), so the caller
+ * comes back soon instead of after a whole interval: a busy service writes
+ * more than one interval's worth of rounds. */
+static bool relay_purge(qm_relay_t *r) {
   int64_t total = 0;
+  bool more = false;
   for (int round = 0; round < RELAY_PURGE_MAX_ROUNDS; round++) {
     int n = qm_outbox_purge(r->pg, r->conf.retention_ms, r->conf.purge_batch);
     if (n < 0) break;
     total += n;
     if (n < r->conf.purge_batch) break;
+    more = round == RELAY_PURGE_MAX_ROUNDS - 1;
   }
   if (total > 0) qm_log_debug("outbox relay for schema %s purged %" PRId64 " rows", r->schema, total);
+  return more;
 }
 
 /* One step: connect, lead, publish a batch, purge when due. */
@@ -484,8 +490,8 @@ static int relay_step(qm_relay_t *r, size_t *published, bool *full) {
   if (!r->leader && (rc = relay_try_lead(r)) != QM_OK) goto out;
   rc = relay_publish_batch(r, published, full);
   if (rc == QM_OK && qm_mono_ms() >= r->next_purge_ms) {
-    relay_purge(r);
-    r->next_purge_ms = qm_mono_ms() + r->conf.purge_interval_ms;
+    bool more = relay_purge(r);
+    r->next_purge_ms = qm_mono_ms() + (more ? 1000 : r->conf.purge_interval_ms);
   }
 out:
   if (r->pg && !qm_pg_connected(r->pg)) relay_set_leader(r, false);
