@@ -367,12 +367,13 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
    * high-water mark ("done up to 11") would skip 10 forever. The snapshot's
    * xmin is the oldest transaction still running: every row whose txid is
    * below it belongs to a finished transaction (committed, or rolled back
-   * and therefore invisible), so what we read is final. A's row has
-   * txid >= xmin while A runs, and so has B's row (B took its xid after A,
-   * which wrote first): both wait until A ends, then go out together in id
-   * order, each exactly once — every row carries its own published_at, so
-   * nothing relies on a high-water mark. A long-running writing transaction
-   * anywhere in the cluster delays publication (never loses anything). */
+   * and therefore invisible), so what we read is final; A's row has
+   * txid >= xmin while A runs and waits. B's row goes out now if B's xid is
+   * older than A's, or after A ends if it is younger — in commit order
+   * either way, each exactly once: every row carries its own published_at,
+   * so nothing relies on a high-water mark. A long-running writing
+   * transaction anywhere in the cluster delays publication (never loses
+   * anything). */
   qm_pg_param_t p[] = {QM_PG_INT64(r->conf.batch)};
   rc = qm_pg_exec(r->pg,
                   "SELECT id, topic, key, ce_id, ce_source, ce_type, ce_subject, ce_time_ms,"
@@ -389,8 +390,17 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
   }
   n = (size_t)qm_pg_ntuples(res);
   *full = n == (size_t)r->conf.batch;
+  /* Lag counts every unpublished row, including those a long transaction
+   * elsewhere keeps from being read yet: that is when an alert must fire. */
   int64_t age = 0;
-  if (n > 0) qm_pg_get_int64(res, 0, 12, &age);
+  qm_pg_result_t *ares = NULL;
+  if (qm_pg_exec(r->pg,
+                 "SELECT (extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint"
+                 " FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1",
+                 NULL, 0, &ares, err, sizeof(err)) == QM_OK &&
+      qm_pg_ntuples(ares) == 1)
+    qm_pg_get_int64(ares, 0, 0, &age);
+  qm_pg_result_destroy(ares);
   pthread_mutex_lock(&r->mu);
   r->stats.last_batch_size = n;
   r->stats.oldest_unpublished_age_ms = age;

@@ -469,6 +469,32 @@ Test(outbox, lag_gauge_reports_oldest_unpublished) {
   qm_relay_destroy(r);
 }
 
+/* Regression: a row held back by a long transaction elsewhere (its txid is
+ * not below the snapshot's xmin yet) must show in the lag gauge; it read 0
+ * exactly when an alert was needed. */
+Test(outbox, lag_gauge_counts_rows_held_back_by_a_long_transaction) {
+  qm_pg_t *c = must_connect();
+  qm_pg_t *other = must_connect();
+  cr_assert_eq(qm_pg_begin(other, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  cr_assert_eq(qm_pg_exec_simple(other, "SELECT pg_current_xact_id()", errstr, sizeof(errstr)),
+               QM_OK, "%s", errstr);
+  add_committed(c, "held", "k");
+  usleep(300000);
+  rec_t rec;
+  rec_init(&rec);
+  qm_relay_t *r = make_relay(&rec, 10, NULL);
+  size_t n = 0;
+  qm_relay_stats_t st;
+  for (int i = 0; i < 3; i++) qm_relay_run_once(r, &n);
+  qm_relay_stats(r, &st);
+  cr_assert_eq(rec_count(&rec), 0, "published past a running older transaction");
+  cr_assert_geq(st.oldest_unpublished_age_ms, 250, "age %lld",
+                (long long)st.oldest_unpublished_age_ms);
+  cr_assert_eq(qm_pg_rollback(other, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
+  run_until(r, &rec, 1);
+  qm_relay_destroy(r);
+}
+
 /* Terminates the backends whose application_name is app. */
 static void kill_app(const char *app) {
   qm_pg_param_t p[] = {QM_PG_TEXT(app)};
