@@ -166,11 +166,21 @@ void qm_problem_detail(qm_problem_t *pb, const char *detail) {
 }
 
 void qm_problem_field(qm_problem_t *pb, const char *field, const char *reason) {
+  qm_problem_field_rule(pb, field, NULL, reason);
+}
+
+void qm_problem_field_rule(qm_problem_t *pb, const char *field, const char *rule,
+                           const char *reason) {
   if (!pb || !field || !reason) return;
   json_t *e = json_object();
   json_object_set_new(e, "field", json_string(field));
+  if (rule && *rule) json_object_set_new(e, "rule", json_string(rule));
   json_object_set_new(e, "reason", json_string(reason));
   json_array_append_new(pb->errors, e);
+}
+
+int qm_problem_status(const qm_problem_t *pb) {
+  return pb ? (int)json_integer_value(json_object_get(pb->doc, "status")) : 0;
 }
 
 void qm_problem_extension(qm_problem_t *pb, const char *name, json_t *value) {

@@ -179,6 +179,12 @@ qm_problem_t *qm_problem_new(int status, const char *type_suffix, const char *ti
 void qm_problem_detail(qm_problem_t *pb, const char *detail);
 /* Adds {"field": field, "reason": reason} to the `errors` extension member. */
 void qm_problem_field(qm_problem_t *pb, const char *field, const char *reason);
+/* As qm_problem_field(), with the name of the rule that was broken (a stable,
+ * machine-readable token such as "already_held"; NULL or "" omits it). */
+void qm_problem_field_rule(qm_problem_t *pb, const char *field, const char *rule,
+                           const char *reason);
+/* The problem's HTTP status. */
+int qm_problem_status(const qm_problem_t *pb);
 /* Adds another extension member. Takes ownership of value. */
 void qm_problem_extension(qm_problem_t *pb, const char *name, json_t *value);
 void qm_problem_destroy(qm_problem_t *pb);

@@ -369,9 +369,10 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
    * below it belongs to a finished transaction (committed, or rolled back
    * and therefore invisible), so what we read is final; A's row has
    * txid >= xmin while A runs and waits. B's row goes out now if B's xid is
-   * older than A's, or after A ends if it is younger — in commit order
-   * either way, each exactly once: every row carries its own published_at,
-   * so nothing relies on a high-water mark. A long-running writing
+   * older than A's (before A's row, which is B's commit order), or after A
+   * ends if it is younger (then both go out in id order); each exactly
+   * once: every row carries its own published_at, so nothing relies on a
+   * high-water mark. A long-running writing
    * transaction anywhere in the cluster delays publication (never loses
    * anything). */
   qm_pg_param_t p[] = {QM_PG_INT64(r->conf.batch)};

@@ -235,14 +235,19 @@ static int qm_service_dead_letter(qm_service_t *svc, qm_pg_t *tx, const qm_event
   int rc = qm_dlq_build(ev, svc->def->name, why, &out, storage, QM_ARRAY_LEN(storage), &buf,
                         errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  if (ev->meta_valid) {
-    rc = qm_inbox_claim(tx, ev->meta.id, ev->topic, errstr, errstr_size);
-    if (rc == QM_EDUP) {
-      *outcome = QM_OUTCOME_DUPLICATE; /* dead-lettered before */
-      return QM_OK;
-    }
-    if (rc != QM_OK) return rc;
+  /* Claim the event (by its position when it has no usable id), so a
+   * redelivery after a crash is not dead-lettered twice. */
+  char id[128];
+  if (ev->meta_valid)
+    qm_strlcpy(id, ev->meta.id, sizeof(id));
+  else
+    snprintf(id, sizeof(id), "%s/%d/%lld", ev->topic, ev->partition, (long long)ev->offset);
+  rc = qm_inbox_claim(tx, id, ev->topic, errstr, errstr_size);
+  if (rc == QM_EDUP) {
+    *outcome = QM_OUTCOME_DUPLICATE; /* dead-lettered before */
+    return QM_OK;
   }
+  if (rc != QM_OK) return rc;
   rc = qm_outbox_add(tx, &out, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   *outcome = QM_OUTCOME_DEAD_LETTER;
@@ -643,7 +648,7 @@ static int qm_service_start(qm_service_t *svc) {
   svc->metrics = qm_metrics_new();
   static const char *const ev_labels[] = {"topic", "outcome", NULL};
   svc->m_events = qm_metrics_counter(svc->metrics, "qm_consumer_events_total",
-                                     "Consumed events by outcome (applied, duplicate, dead_letter).",
+                                     "Consumed events by outcome (applied, duplicate, dead_letter, skipped).",
                                      ev_labels);
   svc->m_batch_secs = qm_metrics_histogram(svc->metrics, "qm_consumer_batch_duration_seconds",
                                            "Time to apply and commit one consumed batch.", NULL,

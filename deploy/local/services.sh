@@ -61,6 +61,8 @@ shutdown_seconds() {
     *ms) echo $(( (${v%ms} + 999) / 1000 )) ;;
     *s) echo "${v%s}" ;;
     *m) echo $(( ${v%m} * 60 )) ;;
+    *h) echo $(( ${v%h} * 3600 )) ;;
+    *d) echo $(( ${v%d} * 86400 )) ;;
     *) echo $(( (v + 999) / 1000 )) ;;
     esac
 }

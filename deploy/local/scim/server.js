@@ -42,10 +42,12 @@ function strip(data) {
 
 // Match one resource at a time: scimmy's Filter.match throws on a resource that lacks
 // the filtered complex attribute (e.g. members[value eq "x"] against an empty group).
-// Fast path, as a real directory's index would do: a filter made only of
-// `<attr> eq "<value>"` terms (joined by "or") on userName or displayName is
-// answered by looking those values up, and scimmy's matcher still confirms
-// each candidate. Anything else scans. Case-insensitive, like the attributes.
+// Fast path: a filter made only of `<attr> eq "<value>"` terms (joined by
+// "or") on userName or displayName is answered by a plain comparison over the
+// store (no deep copy of every resource, no scimmy matcher per resource —
+// which cost ~270 ms with a few thousand users); scimmy's matcher still
+// confirms each candidate. Anything else takes the full path.
+// Case-insensitive, like the attributes.
 function indexedCandidates(filter, store) {
     if (!Array.isArray(filter) || !filter.length) return null;
     const wanted = new Set();
