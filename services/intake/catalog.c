@@ -172,6 +172,37 @@ static int parse_eligibility(loader_t *ld, const yaml_node_t *n, catalog_item_t 
 
 static void item_free(catalog_item_t *it);
 
+static int parse_attrs(loader_t *ld, const yaml_node_t *n, catalog_item_t *item) {
+  if (n->type != YAML_SEQUENCE_NODE) return fail(ld, n, "'attributes' must be a list");
+  for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top; it++) {
+    const yaml_node_t *an = yaml_document_get_node(ld->doc, *it);
+    if (an->type != YAML_MAPPING_NODE) return fail(ld, an, "an attribute must be a mapping");
+    if (item->n_attrs == CATALOG_MAX_ATTRS)
+      return fail(ld, an, "item '%s' has more than %d attributes", item->id ? item->id : "?",
+                  CATALOG_MAX_ATTRS);
+    catalog_attr_t *a = &item->attrs[item->n_attrs++];
+    FOR_EACH_PAIR(ld, an, k, v) {
+      const char *key = scalar(k);
+      if (key && !strcmp(key, "name")) get_str(ld, v, key, &a->name);
+      else if (key && !strcmp(key, "label")) get_str(ld, v, key, &a->label);
+      else if (key && !strcmp(key, "values")) get_strlist(ld, v, key, &a->values);
+      else if (key && !strcmp(key, "default")) get_str(ld, v, key, &a->def);
+      else if (key && !strcmp(key, "required")) get_bool(ld, v, key, &a->required);
+      else return fail(ld, k, "unknown attribute key '%s'", key ? key : "?");
+      if (ld->rc != QM_OK) return ld->rc;
+    }
+    if (!a->name) return fail(ld, an, "an attribute needs a 'name'");
+    if (a->values.n == 0) return fail(ld, an, "attribute '%s' needs 'values'", a->name);
+    if (a->def && !catalog_attr_allows(a, a->def))
+      return fail(ld, an, "attribute '%s': default '%s' is not one of its values", a->name, a->def);
+    for (size_t j = 0; j + 1 < item->n_attrs; j++)
+      if (!strcmp(item->attrs[j].name, a->name))
+        return fail(ld, an, "two attributes named '%s'", a->name);
+    if (!a->label) a->label = qm_strdup(a->name);
+  }
+  return QM_OK;
+}
+
 static int parse_item(loader_t *ld, const yaml_node_t *n, catalog_item_t *item) {
   if (n->type != YAML_MAPPING_NODE) return fail(ld, n, "an item must be a mapping");
   item->source_file = qm_strdup(ld->file);
@@ -194,6 +225,12 @@ static int parse_item(loader_t *ld, const yaml_node_t *n, catalog_item_t *item) 
     else if (!strcmp(key, "attestation")) get_str(ld, val, key, &item->attestation);
     else if (!strcmp(key, "asset_model")) get_str(ld, val, key, &item->asset_model);
     else if (!strcmp(key, "eligibility")) parse_eligibility(ld, val, item);
+    else if (!strcmp(key, "seats")) {
+      int64_t v = 0;
+      if (get_int(ld, val, key, 1, 1000000, &v) == QM_OK) item->seats = (int)v;
+    } else if (!strcmp(key, "encryption_required_in"))
+      get_strlist(ld, val, key, &item->encryption_required_in);
+    else if (!strcmp(key, "attributes")) parse_attrs(ld, val, item);
     else if (!strcmp(key, "roles")) roles = val;
     else fail(ld, k, "unknown item key '%s'", key);
     if (ld->rc != QM_OK) return ld->rc;
@@ -219,6 +256,8 @@ static int parse_item(loader_t *ld, const yaml_node_t *n, catalog_item_t *item) 
   }
   if (item->kind != CATALOG_KIND_ASSET && item->n_roles == 0)
     return fail(ld, n, "item '%s' needs at least one role", item->id);
+  if (item->seats && item->kind != CATALOG_KIND_LICENCE)
+    return fail(ld, n, "item '%s': 'seats' applies to licences only", item->id);
   return QM_OK;
 }
 
@@ -393,25 +432,47 @@ static bool list_has(const catalog_strlist_t *l, const char *s) {
   return false;
 }
 
-bool catalog_eligible(const catalog_item_t *item, const catalog_person_t *p, char *why,
-                      size_t why_size) {
+catalog_verdict_t catalog_check(const catalog_item_t *item, const catalog_person_t *p,
+                                char *why, size_t why_size) {
   struct { const catalog_strlist_t *l; const char *v; const char *what; } checks[] = {
       {&item->employment_types, p->employment_type, "employment type"},
       {&item->departments, p->department, "department"},
       {&item->job_functions, p->job_function, "job function"},
-      {&item->countries_allowed, p->country, "country"},
   };
   for (size_t i = 0; i < QM_ARRAY_LEN(checks); i++)
     if (checks[i].l->n && !list_has(checks[i].l, checks[i].v)) {
       if (why) snprintf(why, why_size, "%s '%s' is not eligible for %s", checks[i].what,
                         checks[i].v ? checks[i].v : "", item->id);
-      return false;
+      return CATALOG_NOT_ELIGIBLE;
     }
-  if (list_has(&item->countries_excluded, p->country)) {
-    if (why) snprintf(why, why_size, "%s is not available in country '%s'", item->id, p->country);
-    return false;
+  if ((item->countries_allowed.n && !list_has(&item->countries_allowed, p->country)) ||
+      list_has(&item->countries_excluded, p->country)) {
+    if (why) snprintf(why, why_size, "%s is not available in country '%s'", item->id,
+                      p->country ? p->country : "");
+    return CATALOG_UNAVAILABLE_IN_COUNTRY;
   }
-  return true;
+  return CATALOG_OK;
+}
+
+bool catalog_eligible(const catalog_item_t *item, const catalog_person_t *p, char *why,
+                      size_t why_size) {
+  return catalog_check(item, p, why, why_size) == CATALOG_OK;
+}
+
+const catalog_attr_t *catalog_find_attr(const catalog_item_t *item, const char *name) {
+  for (size_t i = 0; i < item->n_attrs; i++)
+    if (!strcmp(item->attrs[i].name, name)) return &item->attrs[i];
+  return NULL;
+}
+
+bool catalog_attr_allows(const catalog_attr_t *attr, const char *value) {
+  for (size_t i = 0; i < attr->values.n; i++)
+    if (!strcmp(attr->values.v[i], value)) return true;
+  return false;
+}
+
+bool catalog_encryption_required(const catalog_item_t *item, const char *country) {
+  return list_has(&item->encryption_required_in, country);
 }
 
 const char *catalog_kind_name(catalog_kind_t k) {
@@ -437,6 +498,13 @@ static void item_free(catalog_item_t *it) {
   strlist_free(&it->employment_types); strlist_free(&it->departments);
   strlist_free(&it->job_functions); strlist_free(&it->countries_allowed);
   strlist_free(&it->countries_excluded);
+  strlist_free(&it->encryption_required_in);
+  for (size_t i = 0; i < it->n_attrs; i++) {
+    free(it->attrs[i].name);
+    free(it->attrs[i].label);
+    free(it->attrs[i].def);
+    strlist_free(&it->attrs[i].values);
+  }
 }
 
 void catalog_destroy(catalog_t *cat) {

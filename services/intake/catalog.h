@@ -34,6 +34,17 @@ typedef struct catalog_role {
   bool auto_approve;         /* standard risk only */
 } catalog_role_t;
 
+#define CATALOG_MAX_ATTRS 16
+
+/* A form attribute of an item (e.g. keyboard layout, RAM): a choice from values. */
+typedef struct catalog_attr {
+  char *name;
+  char *label;
+  catalog_strlist_t values; /* the allowed values */
+  char *def;                /* default value, or NULL */
+  bool required;
+} catalog_attr_t;
+
 typedef struct catalog_item {
   char *id;
   catalog_kind_t kind;
@@ -46,6 +57,10 @@ typedef struct catalog_item {
   char *asset_model; /* assets */
   catalog_role_t roles[CATALOG_MAX_ROLES];
   size_t n_roles;
+  int seats; /* licences: seats in all; 0 = unlimited */
+  catalog_strlist_t encryption_required_in; /* devices: countries that require disk encryption */
+  catalog_attr_t attrs[CATALOG_MAX_ATTRS];
+  size_t n_attrs;
   /* eligibility: empty list = no restriction */
   catalog_strlist_t employment_types, departments, job_functions, countries_allowed,
       countries_excluded;
@@ -77,6 +92,11 @@ int catalog_load_dir(const char *dir, catalog_t **out, char *errstr, size_t errs
 
 const catalog_item_t *catalog_find(const catalog_t *cat, const char *item_id);
 const catalog_role_t *catalog_find_role(const catalog_item_t *item, const char *role_id);
+const catalog_attr_t *catalog_find_attr(const catalog_item_t *item, const char *name);
+/* True when the value is one of the attribute's values. */
+bool catalog_attr_allows(const catalog_attr_t *attr, const char *value);
+/* True when the item needs disk encryption for a person in country. */
+bool catalog_encryption_required(const catalog_item_t *item, const char *country);
 
 /* Person attributes used for eligibility. */
 typedef struct catalog_person {
@@ -85,6 +105,12 @@ typedef struct catalog_person {
 /* True when the person may request the item. why (optional) says why not. */
 bool catalog_eligible(const catalog_item_t *item, const catalog_person_t *p, char *why,
                       size_t why_size);
+
+/* Why a person cannot have an item: by attributes (not_eligible) or by
+ * country (unavailable_in_country). */
+typedef enum { CATALOG_OK = 0, CATALOG_NOT_ELIGIBLE, CATALOG_UNAVAILABLE_IN_COUNTRY } catalog_verdict_t;
+catalog_verdict_t catalog_check(const catalog_item_t *item, const catalog_person_t *p,
+                                char *why, size_t why_size);
 
 const char *catalog_kind_name(catalog_kind_t k);
 const char *catalog_risk_name(catalog_risk_t r);

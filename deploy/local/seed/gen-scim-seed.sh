@@ -7,7 +7,8 @@ out="${1:-$here/scim-seed.json}"
 count="${QM_SEED_USERS:-300}"
 groups=(app-figma-viewer app-figma-editor app-github-read app-github-write
         app-aws-readonly app-aws-prod-admin app-salesforce-user app-netsuite-user
-        app-slack-user app-zoom-user app-jira-user app-confluence-user)
+        app-slack-user app-zoom-user app-jira-user app-confluence-user
+        app-datadog-user app-hubspot-user app-1password-user lic-adobe-cc lic-jetbrains)
 tmp="$out.tmp.$$"
 {
   printf '{\n  "users": [\n'
