@@ -143,7 +143,10 @@ static int on_submitted(qm_service_t *svc, qm_pg_t *tx, const qm_event_in_t *ev,
     size_t len = qm__v1__request_submitted__get_packed_size(rs);
     uint8_t *buf = qm_malloc(len);
     qm__v1__request_submitted__pack(rs, buf);
-    bool automatic = line->risk == QM__V1__RISK__RISK_STANDARD && line->auto_approve_allowed;
+    /* Automatic: a standard-risk line the catalog lets through, or a
+     * standard-risk birthright line (a joiner's or mover's department bundle). */
+    bool automatic = line->risk == QM__V1__RISK__RISK_STANDARD &&
+                     (line->auto_approve_allowed || !strcmp(rs->origin, "birthright"));
     char line_no[16];
     snprintf(line_no, sizeof(line_no), "%d", line->line_no);
     const char *requester = rs->requester && rs->requester->person_id ? rs->requester->person_id : "";

@@ -43,6 +43,51 @@ static json_t *item_json(const catalog_item_t *it) {
   return o;
 }
 
+/* Adds what the database knows to an item: free seats of a licence, stock
+ * and the estimated delivery of an asset (from fulfilment's StockLevel). */
+static int enrich(qm_pg_t *pg, const catalog_item_t *it, json_t *o, char *errstr,
+                  size_t errstr_size) {
+  qm_pg_result_t *res = NULL;
+  int rc = QM_OK;
+  if (it->seats > 0) {
+    qm_pg_param_t p[] = {QM_PG_TEXT(it->id)};
+    rc = qm_pg_exec(pg,
+                    "SELECT count(*) FROM request_lines WHERE item_id = $1"
+                    " AND status IN ('submitted', 'pending_approval', 'approved', 'granted')",
+                    p, 1, &res, errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    int64_t used = 0;
+    qm_pg_get_int64(res, 0, 0, &used);
+    qm_pg_result_destroy(res);
+    json_object_set_new(o, "seats", json_integer(it->seats));
+    json_object_set_new(o, "seats_available", json_integer(used >= it->seats ? 0 : it->seats - used));
+  }
+  if (it->kind == CATALOG_KIND_ASSET && it->asset_model) {
+    qm_pg_param_t p[] = {QM_PG_TEXT(it->asset_model)};
+    rc = qm_pg_exec(pg,
+                    "SELECT count(*), coalesce(sum(available), 0), coalesce(sum(on_order), 0),"
+                    " coalesce(min(eta_ms) FILTER (WHERE eta_ms > 0), 0) FROM stock WHERE model_id = $1",
+                    p, 1, &res, errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    int64_t known = 0, avail = 0, on_order = 0, eta = 0;
+    qm_pg_get_int64(res, 0, 0, &known);
+    qm_pg_get_int64(res, 0, 1, &avail);
+    qm_pg_get_int64(res, 0, 2, &on_order);
+    qm_pg_get_int64(res, 0, 3, &eta);
+    qm_pg_result_destroy(res);
+    if (known > 0) {
+      json_t *st = json_pack("{s:I, s:I}", "available", (json_int_t)avail, "on_order", (json_int_t)on_order);
+      if (avail == 0 && eta > 0) {
+        char ts[40];
+        qm_time_format_rfc3339(eta, ts, sizeof(ts));
+        json_object_set_new(st, "estimated_delivery", json_string(ts));
+      }
+      json_object_set_new(o, "stock", st);
+    }
+  }
+  return QM_OK;
+}
+
 /* Resolves whose eligibility applies: the caller, or `for=` when allowed. */
 static bool viewer(intake_t *in, qm_http_req_t *req, qm_http_resp_t *resp, person_t *p,
                    bool *known) {
@@ -95,9 +140,12 @@ static void list_catalog(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   bool known = false;
   if (!viewer(in, req, resp, &p, &known)) return;
   catalog_person_t cp = {p.employment_type, p.department, p.job_function, p.country};
+  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(in->svc));
+  if (!pg) return;
   const catalog_t *cat = intake_catalog_acquire(in);
   json_t *items = json_array();
-  char next[32] = "";
+  char next[32] = "", errstr[512] = "";
+  int rc = QM_OK;
   /* The cursor is the position in the catalog after which to continue. */
   for (size_t i = (size_t)page.after; i < cat->n_items; i++) {
     const catalog_item_t *it = &cat->items[i];
@@ -110,9 +158,17 @@ static void list_catalog(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
       snprintf(next, sizeof(next), "%zu", i);
       break;
     }
-    json_array_append_new(items, item_json(it));
+    json_t *o = item_json(it);
+    if (rc == QM_OK) rc = enrich(pg, it, o, errstr, sizeof(errstr));
+    json_array_append_new(items, o);
   }
   intake_catalog_release(in);
+  qm_pg_pool_release(qm_service_pool(in->svc), pg);
+  if (rc != QM_OK) {
+    json_decref(items);
+    qm_api_db_error(req, resp, "reading seats and stock", errstr);
+    return;
+  }
   qm_http_resp_json(resp, 200, qm_api_list(items, next));
 }
 
@@ -162,8 +218,32 @@ static void get_item(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     json_array_append_new(fields, json_pack("{s:s, s:s, s:b, s:s}", "name", "attestation_accepted",
                                             "type", "boolean", "required", 1, "text",
                                             it->attestation));
+  for (size_t a = 0; a < it->n_attrs; a++) {
+    const catalog_attr_t *at = &it->attrs[a];
+    json_t *values = json_array();
+    for (size_t v = 0; v < at->values.n; v++) json_array_append_new(values, json_string(at->values.v[v]));
+    json_t *f = json_pack("{s:s, s:s, s:s, s:o, s:b}", "name", at->name, "label", at->label,
+                          "type", "enum", "values", values, "required", at->required && !at->def);
+    if (at->def) json_object_set_new(f, "default", json_string(at->def));
+    json_array_append_new(fields, f);
+  }
   json_object_set_new(o, "form", fields);
+  if (known && catalog_encryption_required(it, p.country))
+    json_object_set_new(o, "encryption_required", json_true());
+  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(in->svc));
+  char errstr[512] = "";
+  int rc = pg ? enrich(pg, it, o, errstr, sizeof(errstr)) : QM_ETRANSIENT;
+  if (pg) qm_pg_pool_release(qm_service_pool(in->svc), pg);
   intake_catalog_release(in);
+  if (!pg) {
+    json_decref(o);
+    return; /* 503 already set */
+  }
+  if (rc != QM_OK) {
+    json_decref(o);
+    qm_api_db_error(req, resp, "reading seats and stock", errstr);
+    return;
+  }
   qm_http_resp_json(resp, 200, o);
 }
 

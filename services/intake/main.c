@@ -12,6 +12,7 @@
 #include "qm_common.h"
 #include "qm_config.h"
 #include "qm_log.h"
+#include "qm_metrics.h"
 #include "qm_topics.h"
 
 #include <stdlib.h>
@@ -96,6 +97,28 @@ static const qm_migration_t migrations[] = {
      " WHEN 'cancelled' THEN 2 WHEN 'approved' THEN 3 WHEN 'fulfilling' THEN 4"
      " WHEN 'failed' THEN 4 WHEN 'granted' THEN 5 WHEN 'fulfilled' THEN 5"
      " WHEN 'rejected' THEN 5 WHEN 'revoked' THEN 6 WHEN 'expired' THEN 6 ELSE -1 END $$;"},
+    {4, "flags, scheduled HR changes, stock levels",
+     "ALTER TABLE requests ADD COLUMN flags text[] NOT NULL DEFAULT '{}';"
+     "CREATE INDEX request_lines_item ON request_lines (item_id, role_id, status);"
+     "CREATE TABLE hr_scheduled ("
+     " id bigserial PRIMARY KEY,"
+     " person_id text NOT NULL,"
+     " kind text NOT NULL,"
+     " effective_date text NOT NULL,"
+     " event bytea NOT NULL,"
+     " event_id text NOT NULL,"
+     " traceparent text,"
+     " received_at timestamptz NOT NULL DEFAULT now(),"
+     " applied_at timestamptz);"
+     "CREATE INDEX hr_scheduled_due ON hr_scheduled (effective_date) WHERE applied_at IS NULL;"
+     "CREATE TABLE stock ("
+     " model_id text NOT NULL,"
+     " site_id text NOT NULL,"
+     " available int NOT NULL,"
+     " on_order int NOT NULL,"
+     " eta_ms bigint NOT NULL,"
+     " updated_at timestamptz NOT NULL DEFAULT now(),"
+     " PRIMARY KEY (model_id, site_id));"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -104,7 +127,22 @@ static const qm_cfg_def_t config[] = {
     {"QM_INTAKE_PEOPLE_FILE", QM_CFG_STR, "",
      "JSON file with the initial people directory ({\"people\":[…]}); empty: none.", 0, 0, 0},
     {"QM_INTAKE_MAX_LINES", QM_CFG_INT, "20", "Most lines one request may hold.", 1, 200, 0},
+    {"QM_INTAKE_WATCHLIST_FILE", QM_CFG_STR, "",
+     "CSV 'name,country' of people contractors and third parties are screened against; "
+     "empty: no screening. SIGHUP reloads it.", 0, 0, 0},
+    {"QM_INTAKE_WATCHLIST_ACTION", QM_CFG_STR, "refuse",
+     "What a watchlist match does: refuse the request, or flag it for approvers.", 0, 0, 0},
+    {"QM_INTAKE_HR_TICK", QM_CFG_MS, "60s",
+     "How often HR changes dated in the future are checked for their day.", 100, 3600000, 0},
 };
+
+static const double decision_bounds[] = {1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400, 7 * 86400};
+
+static int load_watchlist(const qm_config_t *cfg, watchlist_t **out, char *errstr, size_t errstr_size) {
+  const char *path = qm_config_str(cfg, "QM_INTAKE_WATCHLIST_FILE");
+  *out = NULL;
+  return *path ? watchlist_load(path, out, errstr, errstr_size) : QM_OK;
+}
 
 const catalog_t *intake_catalog_acquire(intake_t *in) {
   pthread_rwlock_rdlock(&in->cat_lock);
@@ -126,7 +164,35 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
   intake_t *in = qm_calloc(1, sizeof(*in));
   in->svc = svc;
   in->max_lines = (int)qm_config_int(cfg, "QM_INTAKE_MAX_LINES");
+  in->hr_tick_ms = qm_config_ms(cfg, "QM_INTAKE_HR_TICK");
+  const char *action = qm_config_str(cfg, "QM_INTAKE_WATCHLIST_ACTION");
+  if (strcmp(action, "refuse") && strcmp(action, "flag")) {
+    free(in);
+    return qm_err(errstr, errstr_size, QM_EINVAL,
+                  "invalid configuration: QM_INTAKE_WATCHLIST_ACTION: '%s' is not refuse or flag", action);
+  }
+  in->watch_refuse = !strcmp(action, "refuse");
+  qm_metrics_t *reg = qm_service_metrics(svc);
+  static const char *const req_labels[] = {"origin", "outcome", NULL};
+  static const char *const rule_labels[] = {"rule", NULL};
+  in->m_requests = qm_metrics_counter(reg, "qm_intake_requests_total",
+                                      "Requests submitted, by origin and outcome (accepted, refused, replayed).",
+                                      req_labels);
+  in->m_refusals = qm_metrics_counter(reg, "qm_intake_refusals_total",
+                                      "Refusals at submit, by the rule that refused.", rule_labels);
+  in->m_decision = qm_metrics_histogram(reg, "qm_intake_decision_seconds",
+                                        "Time from submit to a line's approval or rejection.", NULL,
+                                        decision_bounds, QM_ARRAY_LEN(decision_bounds));
+  in->m_completion = qm_metrics_histogram(reg, "qm_intake_completion_seconds",
+                                          "Time from submit to a line granted or fulfilled.", NULL,
+                                          decision_bounds, QM_ARRAY_LEN(decision_bounds));
   pthread_rwlock_init(&in->cat_lock, NULL);
+  int wrc = load_watchlist(cfg, &in->watch, errstr, errstr_size);
+  if (wrc != QM_OK) {
+    pthread_rwlock_destroy(&in->cat_lock);
+    free(in);
+    return wrc;
+  }
   int rc = catalog_load_dir(qm_config_str(cfg, "QM_INTAKE_CATALOG_DIR"), &in->cat, errstr,
                             errstr_size);
   if (rc != QM_OK) {
@@ -141,9 +207,12 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
   if (*people && (rc = people_seed(in, people, errstr, errstr_size)) != QM_OK) goto fail;
   if ((rc = requests_register(in, errstr, errstr_size)) != QM_OK) goto fail;
   if ((rc = catalog_api_register(in, errstr, errstr_size)) != QM_OK) goto fail;
+  if ((rc = people_register(in, errstr, errstr_size)) != QM_OK) goto fail;
+  if ((rc = people_ticker_start(in, errstr, errstr_size)) != QM_OK) goto fail;
   *app = in;
   return QM_OK;
 fail:
+  watchlist_destroy(in->watch);
   catalog_destroy(in->cat);
   pthread_rwlock_destroy(&in->cat_lock);
   free(in);
@@ -160,18 +229,34 @@ static void reload(qm_service_t *svc, void *app) {
     qm_log_error("catalog reload refused, keeping the current catalog: %s", errstr);
     return;
   }
+  watchlist_t *wl = NULL;
+  if (load_watchlist(qm_service_config(svc), &wl, errstr, sizeof(errstr)) != QM_OK) {
+    qm_log_error("watchlist reload refused, keeping the current catalog and watchlist: %s", errstr);
+    catalog_destroy(fresh);
+    return;
+  }
   pthread_rwlock_wrlock(&in->cat_lock);
   catalog_t *old = in->cat;
+  watchlist_t *old_wl = in->watch;
   in->cat = fresh;
+  in->watch = wl;
   pthread_rwlock_unlock(&in->cat_lock);
   catalog_destroy(old);
-  qm_log_info("catalog reloaded: %zu items, %zu bundles", fresh->n_items, fresh->n_bundles);
+  watchlist_destroy(old_wl);
+  qm_log_info("catalog reloaded: %zu items, %zu bundles; watchlist: %zu entries", fresh->n_items,
+              fresh->n_bundles, wl ? wl->n : 0);
+}
+
+static void stop(qm_service_t *svc, void *app) {
+  QM_UNUSED(svc);
+  people_ticker_stop(app);
 }
 
 static void fini(qm_service_t *svc, void *app) {
   QM_UNUSED(svc);
   intake_t *in = app;
   catalog_destroy(in->cat);
+  watchlist_destroy(in->watch);
   pthread_rwlock_destroy(&in->cat_lock);
   free(in);
 }
@@ -192,6 +277,7 @@ int main(int argc, char **argv) {
       .n_config = QM_ARRAY_LEN(config),
       .init = init,
       .reload = reload,
+      .stop = stop,
       .fini = fini,
   };
   return qm_service_main(argc, argv, &def);

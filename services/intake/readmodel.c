@@ -9,6 +9,7 @@
 
 #include "qm_common.h"
 #include "qm_log.h"
+#include "qm_metrics.h"
 #include "qm_topics.h"
 
 #include "qm/v1/access.pb-c.h"
@@ -55,19 +56,34 @@ int readmodel_recompute(qm_pg_t *tx, const char *request_id, char *errstr, size_
 
 /* Moves a line forward to status (never back), with who it waits on (a JSON
  * array of person ids; NULL for nobody). */
-static int set_line(qm_pg_t *tx, const char *request_id, int line_no, const char *status,
-                    const char *waiting_on_json, int64_t expires_at_ms, char *errstr,
-                    size_t errstr_size) {
+static int set_line(intake_t *in, qm_pg_t *tx, const char *request_id, int line_no,
+                    const char *status, const char *waiting_on_json, int64_t expires_at_ms,
+                    char *errstr, size_t errstr_size) {
   qm_pg_param_t p[] = {QM_PG_TEXT(request_id), QM_PG_INT64(line_no), QM_PG_TEXT(status),
                        QM_PG_TEXT(waiting_on_json ? waiting_on_json : "[]"),
                        QM_PG_INT64(expires_at_ms)};
-  return qm_pg_exec(tx,
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx,
                     "UPDATE request_lines SET status = $3,"
                     " waiting_on = ARRAY(SELECT json_array_elements_text($4::json)),"
                     " expires_at_ms = CASE WHEN $5::bigint > 0 THEN $5::bigint ELSE expires_at_ms END,"
                     " updated_at = now()"
-                    " WHERE request_id = $1 AND line_no = $2::int AND line_rank(status) < line_rank($3)",
-                    p, QM_ARRAY_LEN(p), NULL, errstr, errstr_size);
+                    " WHERE request_id = $1 AND line_no = $2::int AND line_rank(status) < line_rank($3)"
+                    " RETURNING extract(epoch FROM clock_timestamp() -"
+                    "  (SELECT created_at FROM requests WHERE id = $1))::float8",
+                    p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  /* Time from submit to decision and to completion (counted when the line
+   * first reaches the state; a batch rolled back and retried may count twice). */
+  if (qm_pg_ntuples(res) == 1) {
+    double secs = strtod(qm_pg_get(res, 0, 0), NULL);
+    if (!strcmp(status, "approved") || !strcmp(status, "rejected"))
+      qm_metrics_observe(qm_metrics_child(in->m_decision, NULL), secs);
+    else if (!strcmp(status, "granted") || !strcmp(status, "fulfilled"))
+      qm_metrics_observe(qm_metrics_child(in->m_completion, NULL), secs);
+  }
+  qm_pg_result_destroy(res);
+  return QM_OK;
 }
 
 static const char *actor_name(const Qm__V1__Actor *a) {
@@ -76,7 +92,7 @@ static const char *actor_name(const Qm__V1__Actor *a) {
   return a->service && a->service[0] ? a->service : "";
 }
 
-static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
+static int on_decision(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
   Qm__V1__DecisionEvent *de = qm__v1__decision_event__unpack(NULL, ev->payload_len, ev->payload);
   if (!de)
     return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.DecisionEvent",
@@ -97,7 +113,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     json_decref(ids);
     snprintf(summary, sizeof(summary), "line %d waiting for approval by %s", line_no,
              sp->n_approver_ids ? sp->approver_ids[0] : "(nobody)");
-    rc = set_line(tx, rid, line_no, "pending_approval", waiting, 0, errstr, errstr_size);
+    rc = set_line(in, tx, rid, line_no, "pending_approval", waiting, 0, errstr, errstr_size);
     free(waiting);
     break;
   }
@@ -119,7 +135,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     actor = ap->n_approvers ? actor_name(ap->approvers[ap->n_approvers - 1]) : "";
     snprintf(summary, sizeof(summary), "line %d approved %s%s", line_no,
              automatic ? "automatically (standard risk)" : "by ", automatic ? "" : actor);
-    rc = set_line(tx, rid, line_no, "approved", NULL, 0, errstr, errstr_size);
+    rc = set_line(in, tx, rid, line_no, "approved", NULL, 0, errstr, errstr_size);
     break;
   }
   case QM__V1__DECISION_EVENT__EVENT_REJECTED: {
@@ -128,7 +144,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
     line_no = rj->line_no;
     actor = actor_name(rj->rejected_by);
     snprintf(summary, sizeof(summary), "line %d rejected by %s: %s", line_no, actor, rj->reason);
-    rc = set_line(tx, rid, line_no, "rejected", NULL, 0, errstr, errstr_size);
+    rc = set_line(in, tx, rid, line_no, "rejected", NULL, 0, errstr, errstr_size);
     break;
   }
   default:
@@ -142,7 +158,7 @@ static int on_decision(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_
   return rc;
 }
 
-static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
+static int on_access(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
   Qm__V1__AccessEvent *ae = qm__v1__access_event__unpack(NULL, ev->payload_len, ev->payload);
   if (!ae)
     return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.AccessEvent",
@@ -160,7 +176,7 @@ static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t 
     if (g->expires_at_ms > 0) qm_time_format_rfc3339(g->expires_at_ms, exp, sizeof(exp));
     snprintf(summary, sizeof(summary), "line %d granted: %s added to %s via %s (expires: %s)",
              line_no, g->subject_person_id, g->group, g->connector, exp);
-    rc = set_line(tx, rid, line_no, "granted", NULL, g->expires_at_ms, errstr, errstr_size);
+    rc = set_line(in, tx, rid, line_no, "granted", NULL, g->expires_at_ms, errstr, errstr_size);
     break;
   }
   case QM__V1__ACCESS_EVENT__EVENT_FAILED: {
@@ -169,7 +185,7 @@ static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t 
     line_no = f->line_no;
     snprintf(summary, sizeof(summary), "line %d provisioning failed after %d attempt(s): %s",
              line_no, f->attempts, f->error);
-    rc = set_line(tx, rid, line_no, "failed", NULL, 0, errstr, errstr_size);
+    rc = set_line(in, tx, rid, line_no, "failed", NULL, 0, errstr, errstr_size);
     break;
   }
   case QM__V1__ACCESS_EVENT__EVENT_REVOKED: {
@@ -204,12 +220,25 @@ static int on_access(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t 
   return rc;
 }
 
-static int on_fulfillment(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
+static int on_fulfillment(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
   Qm__V1__FulfillmentEvent *fe = qm__v1__fulfillment_event__unpack(NULL, ev->payload_len, ev->payload);
   if (!fe)
     return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.FulfillmentEvent",
                   ev->meta.type);
   int rc = QM_OK;
+  if (fe->event_case == QM__V1__FULFILLMENT_EVENT__EVENT_STOCK_LEVEL) {
+    /* The latest stock per model and site, for the catalog's availability. */
+    Qm__V1__StockLevel *sl = fe->stock_level;
+    qm_pg_param_t p[] = {QM_PG_TEXT(sl->model_id), QM_PG_TEXT(sl->site_id),
+                         QM_PG_INT64(sl->available), QM_PG_INT64(sl->on_order),
+                         QM_PG_INT64(sl->estimated_delivery_at_ms)};
+    rc = qm_pg_exec(tx,
+                    "INSERT INTO stock (model_id, site_id, available, on_order, eta_ms)"
+                    " VALUES ($1, $2, $3::int, $4::int, $5::bigint) ON CONFLICT (model_id, site_id)"
+                    " DO UPDATE SET available = EXCLUDED.available, on_order = EXCLUDED.on_order,"
+                    " eta_ms = EXCLUDED.eta_ms, updated_at = now()",
+                    p, 5, NULL, errstr, errstr_size);
+  }
   if (fe->event_case == QM__V1__FULFILLMENT_EVENT__EVENT_UPDATE && fe->update->request_id[0]) {
     Qm__V1__FulfillmentUpdate *u = fe->update;
     const ProtobufCEnumValue *step = protobuf_c_enum_descriptor_get_value(&qm__v1__fulfillment_step__descriptor, (int)u->step);
@@ -220,7 +249,7 @@ static int on_fulfillment(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, si
     const char *status = u->step == QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CHECKED_OUT ? "fulfilled"
                          : u->step == QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CANCELLED ? "cancelled"
                                                                                            : "fulfilling";
-    rc = set_line(tx, u->request_id, u->line_no, status, NULL, 0, errstr, errstr_size);
+    rc = set_line(in, tx, u->request_id, u->line_no, status, NULL, 0, errstr, errstr_size);
     if (rc == QM_OK)
       rc = readmodel_timeline(tx, u->request_id, u->line_no, ev->meta.time_ms, ev->meta.type,
                               ev->meta.id, u->actor_person_id, summary, errstr, errstr_size);
@@ -233,10 +262,10 @@ static int on_fulfillment(qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, si
 int readmodel_on_event(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr,
                        size_t errstr_size) {
   if (qm_service_topic_is(in->svc, ev->topic, QM_TOPIC_DECISIONS))
-    return on_decision(tx, ev, errstr, errstr_size);
+    return on_decision(in, tx, ev, errstr, errstr_size);
   if (qm_service_topic_is(in->svc, ev->topic, QM_TOPIC_ACCESS))
-    return on_access(tx, ev, errstr, errstr_size);
+    return on_access(in, tx, ev, errstr, errstr_size);
   if (qm_service_topic_is(in->svc, ev->topic, QM_TOPIC_FULFILLMENT))
-    return on_fulfillment(tx, ev, errstr, errstr_size);
+    return on_fulfillment(in, tx, ev, errstr, errstr_size);
   return QM_OK;
 }

@@ -30,14 +30,66 @@
 #define MAX_REASON 2000
 #define MAX_ATTRS 16
 
-typedef struct line_in {
-  int line_no;
-  const catalog_item_t *item;
-  const catalog_role_t *role; /* NULL for assets */
-  int duration_days;
-  bool attested;
-  json_t *attributes; /* borrowed from the body */
-} line_in_t;
+/* Refusals are collected with the rule each breaks, then answered as one
+ * problem whose status follows the most serious kind (see refusal_problem). */
+#define MAX_REFUSALS 64
+
+typedef struct refusal {
+  char field[96];
+  const char *rule;
+  char reason[320];
+  int status; /* 400, 403, 409 or 422 */
+} refusal_t;
+
+typedef struct refusals {
+  refusal_t v[MAX_REFUSALS];
+  size_t n;
+} refusals_t;
+
+static void refuse(refusals_t *r, int status, const char *field, const char *rule,
+                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+static void refuse(refusals_t *r, int status, const char *field, const char *rule,
+                   const char *fmt, ...) {
+  if (r->n == MAX_REFUSALS) return;
+  refusal_t *x = &r->v[r->n++];
+  qm_strlcpy(x->field, field, sizeof(x->field));
+  x->rule = rule;
+  x->status = status;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(x->reason, sizeof(x->reason), fmt, ap);
+  va_end(ap);
+}
+
+/* One problem for all refusals: 400 when the body itself is wrong, else 403
+ * for screening, else 422 for policy, else 409 for conflicts with what the
+ * subject already holds or asked for. Counts each refusal by rule. */
+static qm_problem_t *refusal_problem(intake_t *in, const refusals_t *r) {
+  static const int order[] = {400, 403, 422, 409};
+  int status = 400;
+  for (size_t o = 0; o < QM_ARRAY_LEN(order); o++) {
+    bool any = false;
+    for (size_t i = 0; i < r->n && !any; i++) any = r->v[i].status == order[o];
+    if (any) {
+      status = order[o];
+      break;
+    }
+  }
+  const char *type = status == 403 ? "screening" : status == 409 ? "conflict"
+                     : status == 422 ? "policy" : "validation";
+  const char *title = status == 403 ? "Refused by screening"
+                      : status == 409 ? "Conflicts with existing access or requests"
+                      : status == 422 ? "Not allowed by policy" : "Invalid request";
+  qm_problem_t *pb = qm_problem_new(status, type, title);
+  for (size_t i = 0; i < r->n; i++) {
+    if (r->v[i].status == status)
+      qm_problem_field_rule(pb, r->v[i].field, r->v[i].rule, r->v[i].reason);
+    const char *labels[] = {r->v[i].rule};
+    qm_metrics_inc(qm_metrics_child(in->m_refusals, labels));
+  }
+  return pb;
+}
 
 typedef struct submit {
   intake_t *in;
@@ -50,6 +102,7 @@ typedef struct submit {
   char body_hash[65];
   line_in_t *lines;
   size_t n_lines;
+  refusals_t refusals;
   /* outcome */
   qm_problem_t *problem; /* set when the transaction refuses the request */
   char request_id[QM_UUID_STR_LEN];
@@ -80,40 +133,74 @@ static Qm__V1__ItemKind kind_proto(catalog_kind_t k) {
                                      : QM__V1__ITEM_KIND__ITEM_KIND_ACCESS;
 }
 
-/* First pass: the body against the catalog. Adds every problem to *pb. */
-static void validate_body(submit_t *s, const catalog_t *cat, json_t *body, qm_problem_t **pb) {
+static bool line_needs_reason(const line_in_t *l) {
+  return l->role && l->role->risk != CATALOG_RISK_STANDARD;
+}
+
+/* Checks a line's attributes against the item's: unknown names and values
+ * not on the list are refused, required ones must be there (or defaulted). */
+static void validate_attributes(refusals_t *r, size_t i, line_in_t *l, json_t *attrs) {
+  char f[160];
+  const char *key;
+  json_t *val;
+  if (attrs && (!json_is_object(attrs) || json_object_size(attrs) > MAX_ATTRS)) {
+    snprintf(f, sizeof(f), "lines[%zu].attributes", i);
+    refuse(r, 400, f, "invalid_attribute", "must be an object of at most 16 string values");
+    return;
+  }
+  json_object_foreach(attrs, key, val) {
+    snprintf(f, sizeof(f), "lines[%zu].attributes.%.64s", i, key);
+    const catalog_attr_t *a = catalog_find_attr(l->item, key);
+    if (!a) {
+      refuse(r, 400, f, "invalid_attribute", "%s has no attribute '%.64s'", l->item->id, key);
+    } else if (!json_is_string(val) || !catalog_attr_allows(a, json_string_value(val))) {
+      char list[256] = "";
+      for (size_t v = 0; v < a->values.n; v++)
+        snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", v ? ", " : "",
+                 a->values.v[v]);
+      refuse(r, 400, f, "invalid_attribute", "must be one of: %s", list);
+    }
+  }
+  for (size_t k = 0; k < l->item->n_attrs; k++) {
+    const catalog_attr_t *a = &l->item->attrs[k];
+    if (a->required && !a->def && !json_object_get(attrs, a->name)) {
+      snprintf(f, sizeof(f), "lines[%zu].attributes.%s", i, a->name);
+      refuse(r, 400, f, "attribute_required", "required: %s", a->label);
+    }
+  }
+  l->attributes = attrs;
+}
+
+/* First pass: the body against the catalog. Adds every refusal to r. */
+static void validate_body(submit_t *s, const catalog_t *cat, json_t *body) {
   static const char *const known[] = {"subject_person_id", "reason", "lines", "item_id",
                                       "role_id", "duration_days", "attributes",
                                       "attestation_accepted", "extends_request_id", NULL};
+  refusals_t *r = &s->refusals;
   const char *key;
   json_t *val;
   if (!json_is_object(body)) {
-    qm_api_field_error(pb, "", "the body must be a JSON object");
+    refuse(r, 400, "", "invalid", "the body must be a JSON object");
     return;
   }
   json_object_foreach(body, key, val) {
     bool ok = false;
     for (size_t i = 0; known[i] && !ok; i++) ok = !strcmp(key, known[i]);
-    if (!ok) {
-      char f[128];
-      snprintf(f, sizeof(f), "%s", key);
-      qm_api_field_error(pb, f, "unknown field");
-    }
+    if (!ok) refuse(r, 400, key, "unknown_field", "unknown field");
   }
   json_t *subj = json_object_get(body, "subject_person_id");
   if (subj && (!json_is_string(subj) || !*json_string_value(subj) ||
                json_string_length(subj) > 128))
-    qm_api_field_error(pb, "subject_person_id", "must be a person id (1 to 128 characters)");
+    refuse(r, 400, "subject_person_id", "invalid", "must be a person id (1 to 128 characters)");
   s->subject_id = subj && json_is_string(subj) ? json_string_value(subj) : s->who->sub;
   json_t *reason = json_object_get(body, "reason");
-  if (!json_is_string(reason) || json_string_length(reason) < 3 ||
-      json_string_length(reason) > MAX_REASON)
-    qm_api_field_error(pb, "reason", "required: why it is needed, 3 to 2000 characters");
-  else
+  if (reason && (!json_is_string(reason) || json_string_length(reason) > MAX_REASON))
+    refuse(r, 400, "reason", "invalid", "must be text of at most 2000 characters");
+  else if (reason)
     s->reason = json_string_value(reason);
   json_t *ext = json_object_get(body, "extends_request_id");
   if (ext && (!json_is_string(ext) || !qm_uuid_valid(json_string_value(ext))))
-    qm_api_field_error(pb, "extends_request_id", "must be the id (UUID) of an earlier request");
+    refuse(r, 400, "extends_request_id", "invalid", "must be the id (UUID) of an earlier request");
   else if (ext)
     s->extends = json_string_value(ext);
 
@@ -122,7 +209,7 @@ static void validate_body(submit_t *s, const catalog_t *cat, json_t *body, qm_pr
   json_t *single = NULL;
   if (!lines) {
     if (!json_object_get(body, "item_id")) {
-      qm_api_field_error(pb, "lines", "required: at least one line ({\"item_id\": …, \"role_id\": …})");
+      refuse(r, 400, "lines", "invalid", "required: at least one line ({\"item_id\": …, \"role_id\": …})");
       return;
     }
     single = json_pack("[{s:O*, s:O*, s:O*, s:O*, s:O*}]", "item_id", json_object_get(body, "item_id"),
@@ -132,103 +219,89 @@ static void validate_body(submit_t *s, const catalog_t *cat, json_t *body, qm_pr
                        json_object_get(body, "attestation_accepted"));
     lines = single;
   } else if (json_object_get(body, "item_id") || json_object_get(body, "role_id")) {
-    qm_api_field_error(pb, "item_id", "give either 'lines' or a single item at the top level, not both");
+    refuse(r, 400, "item_id", "invalid", "give either 'lines' or a single item at the top level, not both");
   }
   if (!json_is_array(lines) || json_array_size(lines) == 0 ||
       json_array_size(lines) > (size_t)s->in->max_lines) {
-    char why[96];
-    snprintf(why, sizeof(why), "must be a list of 1 to %d lines", s->in->max_lines);
-    qm_api_field_error(pb, "lines", why);
+    refuse(r, 400, "lines", "invalid", "must be a list of 1 to %d lines", s->in->max_lines);
     json_decref(single);
     return;
   }
   s->n_lines = json_array_size(lines);
   s->lines = qm_calloc(s->n_lines, sizeof(line_in_t));
+  bool reason_needed = false;
   size_t i;
   json_t *lj;
   json_array_foreach(lines, i, lj) {
     line_in_t *l = &s->lines[i];
     l->line_no = (int)i + 1;
-    char f[64], why[256];
+    char f[96];
     if (!json_is_object(lj)) {
       snprintf(f, sizeof(f), "lines[%zu]", i);
-      qm_api_field_error(pb, f, "must be an object with item_id and role_id");
+      refuse(r, 400, f, "invalid", "must be an object with item_id and role_id");
       continue;
     }
     json_object_foreach(lj, key, val) {
       if (strcmp(key, "item_id") && strcmp(key, "role_id") && strcmp(key, "duration_days") &&
           strcmp(key, "attributes") && strcmp(key, "attestation_accepted")) {
         snprintf(f, sizeof(f), "lines[%zu].%.32s", i, key);
-        qm_api_field_error(pb, f, "unknown field");
+        refuse(r, 400, f, "unknown_field", "unknown field");
       }
     }
     const char *item_id = json_string_value(json_object_get(lj, "item_id"));
     snprintf(f, sizeof(f), "lines[%zu].item_id", i);
-    if (!item_id) {
-      qm_api_field_error(pb, f, "required: a catalog item id");
-      continue;
-    }
-    l->item = catalog_find(cat, item_id);
-    if (!l->item) {
-      qm_api_field_error(pb, f, "no such catalog item");
+    if (!item_id || !(l->item = catalog_find(cat, item_id))) {
+      refuse(r, 400, f, "unknown_item", item_id ? "no such catalog item" : "required: a catalog item id");
       continue;
     }
     json_t *role = json_object_get(lj, "role_id");
     snprintf(f, sizeof(f), "lines[%zu].role_id", i);
     if (l->item->n_roles > 0) {
-      if (!json_is_string(role)) {
-        snprintf(why, sizeof(why), "required: one of the roles of %s", l->item->id);
-        qm_api_field_error(pb, f, why);
-        continue;
-      }
-      l->role = catalog_find_role(l->item, json_string_value(role));
-      if (!l->role) {
-        snprintf(why, sizeof(why), "%s has no role '%.64s'", l->item->id, json_string_value(role));
-        qm_api_field_error(pb, f, why);
+      if (!json_is_string(role) || !(l->role = catalog_find_role(l->item, json_string_value(role)))) {
+        char roles[256] = "";
+        for (size_t k = 0; k < l->item->n_roles; k++)
+          snprintf(roles + strlen(roles), sizeof(roles) - strlen(roles), "%s%s", k ? ", " : "",
+                   l->item->roles[k].id);
+        refuse(r, 400, f, "unknown_role", "%s has the roles: %s", l->item->id, roles);
         continue;
       }
     } else if (role && !json_is_null(role)) {
-      qm_api_field_error(pb, f, "this item has no roles");
+      refuse(r, 400, f, "unknown_role", "this item has no roles");
     }
     for (size_t j = 0; j < i; j++)
       if (s->lines[j].item == l->item && s->lines[j].role == l->role) {
         snprintf(f, sizeof(f), "lines[%zu]", i);
-        qm_api_field_error(pb, f, "the same item and role appear twice in this request");
+        refuse(r, 400, f, "invalid", "the same item and role appear twice in this request");
       }
     json_t *dur = json_object_get(lj, "duration_days");
     int max = l->role ? l->role->max_duration_days : 0;
     l->duration_days = l->role ? l->role->default_duration_days : 0;
     snprintf(f, sizeof(f), "lines[%zu].duration_days", i);
-    if (dur) {
+    if (!dur && l->role && l->role->risk == CATALOG_RISK_ELEVATED) {
+      refuse(r, 400, f, "duration_required",
+             "required: elevated access is time-bound (1 to %d days)", max);
+    } else if (dur) {
       json_int_t d = json_is_integer(dur) ? json_integer_value(dur) : -1;
       if (d < 0 || d > 3650 || (max > 0 && (d < 1 || d > max))) {
-        if (max > 0) snprintf(why, sizeof(why), "must be a whole number of days from 1 to %d", max);
-        else snprintf(why, sizeof(why), "must be a whole number of days (0 = open-ended) up to 3650");
-        qm_api_field_error(pb, f, why);
+        if (max > 0) refuse(r, 400, f, "duration_out_of_range", "must be a whole number of days from 1 to %d", max);
+        else refuse(r, 400, f, "duration_out_of_range", "must be a whole number of days (0 = open-ended) up to 3650");
       } else {
         l->duration_days = (int)d;
       }
     }
     if (l->item->attestation) {
-      json_t *att = json_object_get(lj, "attestation_accepted");
       snprintf(f, sizeof(f), "lines[%zu].attestation_accepted", i);
-      if (!json_is_true(att)) {
-        snprintf(why, sizeof(why), "must be true: %.200s", l->item->attestation);
-        qm_api_field_error(pb, f, why);
-      } else {
+      if (!json_is_true(json_object_get(lj, "attestation_accepted")))
+        refuse(r, 400, f, "attestation_required", "must be true: %.200s", l->item->attestation);
+      else
         l->attested = true;
-      }
     }
-    json_t *attrs = json_object_get(lj, "attributes");
-    if (attrs) {
-      snprintf(f, sizeof(f), "lines[%zu].attributes", i);
-      bool ok = json_is_object(attrs) && json_object_size(attrs) <= MAX_ATTRS;
-      json_object_foreach(attrs, key, val) ok = ok && json_is_string(val) && strlen(key) <= 64 &&
-                                               json_string_length(val) <= 256;
-      if (!ok) qm_api_field_error(pb, f, "must be an object of at most 16 string values");
-      else l->attributes = attrs;
-    }
+    validate_attributes(r, i, l, json_object_get(lj, "attributes"));
+    if (line_needs_reason(l)) reason_needed = true;
   }
+  if (reason_needed && (!s->reason || strlen(s->reason) < 3))
+    refuse(r, 400, "reason", "reason_required",
+           "required for sensitive and elevated access: why it is needed (3 to 2000 characters)");
   json_decref(single);
 }
 
@@ -240,96 +313,62 @@ static const char *origin_of(const qm_principal_t *who, const person_t *subject)
   return NULL;
 }
 
-static int insert_request(submit_t *s, qm_pg_t *tx, const person_t *subject, char *errstr,
-                          size_t errstr_size) {
-  qm_uuid_new(s->request_id);
-  qm_pg_param_t p[] = {QM_PG_TEXT(s->request_id), QM_PG_TEXT(s->who->sub),
-                       QM_PG_TEXT(subject->id), QM_PG_TEXT(s->reason), QM_PG_TEXT(s->origin),
-                       s->extends ? QM_PG_TEXT(s->extends) : QM_PG_NULL,
-                       s->idem_key ? QM_PG_TEXT(s->idem_key) : QM_PG_NULL,
-                       QM_PG_TEXT(s->body_hash), QM_PG_TEXT(qm_http_req_traceparent(s->req))};
+/* Inserts the request row; on an idempotency key seen before, tells whether
+ * it was the same body (replay) or another (clash). */
+static int insert_request(request_new_t *rq, qm_pg_t *tx, char *errstr, size_t errstr_size) {
+  qm_uuid_new(rq->id);
+  json_t *flags = json_array();
+  for (size_t i = 0; i < rq->n_flags; i++) json_array_append_new(flags, json_string(rq->flags[i]));
+  char *flags_json = json_dumps(flags, JSON_COMPACT);
+  json_decref(flags);
+  qm_pg_param_t p[] = {QM_PG_TEXT(rq->id), QM_PG_TEXT(rq->requester_id),
+                       QM_PG_TEXT(rq->subject->id), QM_PG_TEXT(rq->reason ? rq->reason : ""),
+                       QM_PG_TEXT(rq->origin), rq->extends ? QM_PG_TEXT(rq->extends) : QM_PG_NULL,
+                       QM_PG_TEXT(rq->idem_key), QM_PG_TEXT(rq->body_hash),
+                       rq->traceparent ? QM_PG_TEXT(rq->traceparent) : QM_PG_NULL,
+                       QM_PG_TEXT(flags_json)};
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(tx,
                       "INSERT INTO requests (id, requester_id, subject_id, reason, origin, status,"
-                      " extends_request_id, idempotency_key, body_hash, traceparent)"
-                      " VALUES ($1, $2, $3, $4, $5, 'submitted', $6, $7, $8, $9)"
+                      " extends_request_id, idempotency_key, body_hash, traceparent, flags)"
+                      " VALUES ($1, $2, $3, $4, $5, 'submitted', $6, $7, $8, $9,"
+                      " ARRAY(SELECT json_array_elements_text($10::json)))"
                       " ON CONFLICT (requester_id, idempotency_key) DO NOTHING",
                       p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
+  free(flags_json);
   if (rc != QM_OK) return rc;
   int64_t n = qm_pg_affected(res);
   qm_pg_result_destroy(res);
   if (n == 1) return QM_OK;
-  /* The key was used before by this caller: same body → same answer. */
-  qm_pg_param_t q[] = {QM_PG_TEXT(s->who->sub), QM_PG_TEXT(s->idem_key)};
+  qm_pg_param_t q[] = {QM_PG_TEXT(rq->requester_id), QM_PG_TEXT(rq->idem_key)};
   rc = qm_pg_exec(tx,
                   "SELECT id, body_hash FROM requests WHERE requester_id = $1 AND idempotency_key = $2",
                   q, 2, &res, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  if (qm_pg_ntuples(res) == 1 && !strcmp(qm_pg_get(res, 0, 1), s->body_hash)) {
-    qm_strlcpy(s->request_id, qm_pg_get(res, 0, 0), sizeof(s->request_id));
-    s->replayed = true;
+  if (qm_pg_ntuples(res) == 1 && !strcmp(qm_pg_get(res, 0, 1), rq->body_hash)) {
+    qm_strlcpy(rq->id, qm_pg_get(res, 0, 0), sizeof(rq->id));
+    rq->replayed = true;
   } else {
-    s->problem = qm_problem_new(422, "idempotency-key-reused", "Idempotency-Key already used");
-    qm_problem_detail(s->problem, "this Idempotency-Key was used for a different request body; "
-                                  "use a new key for a new request");
+    rq->key_clash = true;
   }
   qm_pg_result_destroy(res);
-  return QM_EINVAL;
+  return QM_OK;
 }
 
-static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
-  submit_t *s = ctx;
-  person_t subject;
-  int rc = people_get(tx, s->subject_id, &subject, errstr, errstr_size);
-  if (rc == QM_ENOTFOUND) {
-    qm_api_field_error(&s->problem, "subject_person_id", "no such person in the directory");
-    return QM_EINVAL;
-  }
-  if (rc != QM_OK) return rc;
-  const char *origin = origin_of(s->who, &subject);
-  if (!origin) {
-    s->problem = qm_problem_new(403, "forbidden", "Not allowed to request for this person");
-    qm_problem_detail(s->problem, "you may request for yourself, as manager for your direct "
-                                  "reports, or for anyone with the helpdesk or it_admin role");
-    return QM_EINVAL;
-  }
-  qm_strlcpy(s->origin, origin, sizeof(s->origin));
-  if (!strcmp(subject.status, "terminated")) {
-    qm_api_field_error(&s->problem, "subject_person_id", "this person has left the organisation");
-    return QM_EINVAL;
-  }
-  catalog_person_t cp = {subject.employment_type, subject.department, subject.job_function,
-                         subject.country};
-  for (size_t i = 0; i < s->n_lines; i++) {
-    char why[256], f[64];
-    if (!catalog_eligible(s->lines[i].item, &cp, why, sizeof(why))) {
-      snprintf(f, sizeof(f), "lines[%zu].item_id", i);
-      qm_api_field_error(&s->problem, f, why);
-    }
-  }
-  if (s->problem) return QM_EINVAL;
-  if (s->extends) {
-    qm_pg_param_t ep[] = {QM_PG_TEXT(s->extends), QM_PG_TEXT(subject.id)};
-    qm_pg_result_t *res = NULL;
-    rc = qm_pg_exec(tx, "SELECT 1 FROM requests WHERE id = $1 AND subject_id = $2", ep, 2, &res,
-                    errstr, errstr_size);
-    if (rc != QM_OK) return rc;
-    int found = qm_pg_ntuples(res);
-    qm_pg_result_destroy(res);
-    if (!found) {
-      qm_api_field_error(&s->problem, "extends_request_id", "no earlier request for this person with that id");
-      return QM_EINVAL;
-    }
-  }
-  rc = insert_request(s, tx, &subject, errstr, errstr_size);
-  if (rc != QM_OK) return s->replayed ? QM_OK : rc;
-
-  Qm__V1__RequestLine *plines = qm_calloc(s->n_lines, sizeof(*plines));
-  Qm__V1__RequestLine **pptrs = qm_calloc(s->n_lines, sizeof(*pptrs));
-  Qm__V1__Attribute *attrs = qm_calloc(s->n_lines * MAX_ATTRS, sizeof(*attrs));
-  Qm__V1__Attribute **aptrs = qm_calloc(s->n_lines * MAX_ATTRS, sizeof(*aptrs));
-  for (size_t i = 0; i < s->n_lines && rc == QM_OK; i++) {
-    const line_in_t *l = &s->lines[i];
+int requests_create(intake_t *in, qm_pg_t *tx, request_new_t *rq, char *errstr,
+                    size_t errstr_size) {
+  int rc = insert_request(rq, tx, errstr, errstr_size);
+  if (rc != QM_OK || rq->replayed || rq->key_clash) return rc;
+  const person_t *subject = rq->subject;
+  size_t n = rq->n_lines;
+  Qm__V1__RequestLine *plines = qm_calloc(n, sizeof(*plines));
+  Qm__V1__RequestLine **pptrs = qm_calloc(n, sizeof(*pptrs));
+  /* room for the item's attributes plus "encryption" */
+  Qm__V1__Attribute *attrs = qm_calloc(n * (MAX_ATTRS + CATALOG_MAX_ATTRS + 1), sizeof(*attrs));
+  Qm__V1__Attribute **aptrs = qm_calloc(n * (MAX_ATTRS + CATALOG_MAX_ATTRS + 1), sizeof(*aptrs));
+  size_t per = MAX_ATTRS + CATALOG_MAX_ATTRS + 1;
+  for (size_t i = 0; i < n && rc == QM_OK; i++) {
+    const line_in_t *l = &rq->lines[i];
     Qm__V1__RequestLine *pl = &plines[i];
     qm__v1__request_line__init(pl);
     pl->line_no = l->line_no;
@@ -347,20 +386,35 @@ static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
     pl->attestation_accepted = l->attested ? l->item->attestation : (char *)"";
     pl->asset_model = l->item->asset_model ? l->item->asset_model : (char *)"";
     pl->max_duration_days = l->role ? l->role->max_duration_days : 0;
-    if (l->attributes) {
-      const char *k;
-      json_t *v;
-      pl->attributes = &aptrs[i * MAX_ATTRS];
-      json_object_foreach(l->attributes, k, v) {
-        Qm__V1__Attribute *a = &attrs[i * MAX_ATTRS + pl->n_attributes];
-        qm__v1__attribute__init(a);
-        a->name = (char *)k;
-        a->value = (char *)json_string_value(v);
-        pl->attributes[pl->n_attributes++] = a;
-      }
+    pl->attributes = &aptrs[i * per];
+    /* chosen values, then defaults for the rest, then encryption where the law wants it */
+    const char *k;
+    json_t *v;
+    json_object_foreach(l->attributes, k, v) {
+      Qm__V1__Attribute *a = &attrs[i * per + pl->n_attributes];
+      qm__v1__attribute__init(a);
+      a->name = (char *)k;
+      a->value = (char *)json_string_value(v);
+      pl->attributes[pl->n_attributes++] = a;
+    }
+    for (size_t d = 0; d < l->item->n_attrs; d++) {
+      const catalog_attr_t *ca = &l->item->attrs[d];
+      if (!ca->def || json_object_get(l->attributes, ca->name)) continue;
+      Qm__V1__Attribute *a = &attrs[i * per + pl->n_attributes];
+      qm__v1__attribute__init(a);
+      a->name = ca->name;
+      a->value = ca->def;
+      pl->attributes[pl->n_attributes++] = a;
+    }
+    if (catalog_encryption_required(l->item, subject->country)) {
+      Qm__V1__Attribute *a = &attrs[i * per + pl->n_attributes];
+      qm__v1__attribute__init(a);
+      a->name = (char *)"encryption";
+      a->value = (char *)"required";
+      pl->attributes[pl->n_attributes++] = a;
     }
     pptrs[i] = pl;
-    qm_pg_param_t lp[] = {QM_PG_TEXT(s->request_id), QM_PG_INT64(l->line_no),
+    qm_pg_param_t lp[] = {QM_PG_TEXT(rq->id), QM_PG_INT64(l->line_no),
                           QM_PG_TEXT(l->item->id), QM_PG_TEXT(pl->role_id),
                           QM_PG_TEXT(catalog_kind_name(l->item->kind)),
                           QM_PG_TEXT(l->role ? catalog_risk_name(l->role->risk) : ""),
@@ -374,40 +428,47 @@ static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
   char event_id[QM_UUID_STR_LEN] = "";
   if (rc == QM_OK) {
     Qm__V1__Actor requester = QM__V1__ACTOR__INIT;
-    requester.person_id = (char *)s->who->sub;
     char *roles[QM_AUTH_MAX_ROLES];
-    for (size_t i = 0; i < s->who->nroles; i++) roles[i] = (char *)s->who->roles[i];
-    requester.roles = roles;
-    requester.n_roles = s->who->nroles;
+    if (rq->who) {
+      requester.person_id = (char *)rq->who->sub;
+      for (size_t i = 0; i < rq->who->nroles; i++) roles[i] = (char *)rq->who->roles[i];
+      requester.roles = roles;
+      requester.n_roles = rq->who->nroles;
+    } else {
+      requester.service = (char *)"intake";
+    }
     Qm__V1__RequestSubmitted rs = QM__V1__REQUEST_SUBMITTED__INIT;
-    rs.request_id = s->request_id;
+    rs.request_id = rq->id;
     rs.requester = &requester;
-    rs.subject_person_id = subject.id;
-    rs.subject_manager_id = subject.manager_id;
-    rs.subject_department = subject.department;
-    rs.subject_job_function = subject.job_function;
-    rs.subject_country = subject.country;
-    rs.subject_employment_type = subject.employment_type;
-    rs.subject_location = subject.location;
-    rs.subject_directory_username = subject.directory_username[0] ? subject.directory_username : subject.id;
-    rs.reason = (char *)s->reason;
-    rs.n_lines = s->n_lines;
+    rs.subject_person_id = (char *)subject->id;
+    rs.subject_manager_id = (char *)subject->manager_id;
+    rs.subject_department = (char *)subject->department;
+    rs.subject_job_function = (char *)subject->job_function;
+    rs.subject_country = (char *)subject->country;
+    rs.subject_employment_type = (char *)subject->employment_type;
+    rs.subject_location = (char *)subject->location;
+    rs.subject_directory_username =
+        (char *)(subject->directory_username[0] ? subject->directory_username : subject->id);
+    rs.reason = (char *)(rq->reason ? rq->reason : "");
+    rs.n_lines = n;
     rs.lines = pptrs;
     rs.submitted_at_ms = qm_now_ms();
-    rs.extends_request_id = s->extends ? (char *)s->extends : (char *)"";
-    rs.origin = s->origin;
+    rs.extends_request_id = (char *)(rq->extends ? rq->extends : "");
+    rs.origin = (char *)rq->origin;
+    rs.n_flags = rq->n_flags;
+    rs.flags = (char **)rq->flags;
     Qm__V1__RequestEvent re = QM__V1__REQUEST_EVENT__INIT;
     re.event_case = QM__V1__REQUEST_EVENT__EVENT_SUBMITTED;
     re.submitted = &rs;
-    rc = qm_service_emit(svc, tx, QM_TOPIC_REQUESTS, subject.id, "qm.request.submitted.v1",
-                         s->request_id, qm_http_req_traceparent(s->req), &re.base, event_id,
-                         errstr, errstr_size);
+    rc = qm_service_emit(in->svc, tx, QM_TOPIC_REQUESTS, subject->id, "qm.request.submitted.v1",
+                         rq->id, rq->traceparent, &re.base, event_id, errstr, errstr_size);
     if (rc == QM_OK) {
       char summary[512];
-      snprintf(summary, sizeof(summary), "submitted by %s for %s (%s): %zu line(s)", s->who->sub,
-               subject.id, s->origin, s->n_lines);
-      rc = readmodel_timeline(tx, s->request_id, 0, rs.submitted_at_ms, "qm.request.submitted.v1",
-                              event_id, s->who->sub, summary, errstr, errstr_size);
+      snprintf(summary, sizeof(summary), "submitted by %s for %s (%s): %zu line(s)%s",
+               rq->requester_id, subject->id, rq->origin, n,
+               rq->n_flags ? " — flagged for review" : "");
+      rc = readmodel_timeline(tx, rq->id, 0, rs.submitted_at_ms, "qm.request.submitted.v1",
+                              event_id, rq->requester_id, summary, errstr, errstr_size);
     }
   }
   free(aptrs);
@@ -417,6 +478,147 @@ static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
   return rc;
 }
 
+int requests_holding(qm_pg_t *tx, const char *subject, const char *item, const char *role,
+                     char *out, size_t out_size, char *errstr, size_t errstr_size) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(subject), QM_PG_TEXT(item), QM_PG_TEXT(role)};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx,
+                      "SELECT CASE WHEN l.status IN ('granted', 'fulfilled') THEN 'held'"
+                      " ELSE 'pending' END FROM request_lines l JOIN requests r ON r.id = l.request_id"
+                      " WHERE r.subject_id = $1 AND l.item_id = $2 AND l.role_id = $3"
+                      " AND l.status IN ('submitted', 'pending_approval', 'approved', 'fulfilling',"
+                      " 'granted', 'fulfilled')"
+                      " ORDER BY line_rank(l.status) DESC LIMIT 1",
+                      p, 3, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_strlcpy(out, qm_pg_ntuples(res) ? qm_pg_get(res, 0, 0) : "", out_size);
+  qm_pg_result_destroy(res);
+  return QM_OK;
+}
+
+/* Seats in use for a licence: held or on the way. Serialised per item by an
+ * advisory lock so two requests cannot both take the last seat. */
+static int seats_in_use(qm_pg_t *tx, const char *item, int64_t *used, char *errstr,
+                        size_t errstr_size) {
+  char lock[160];
+  snprintf(lock, sizeof(lock), "qm.intake.seats.%s", item);
+  qm_pg_param_t lp[] = {QM_PG_INT64(qm_pg_advisory_key(lock))};
+  int rc = qm_pg_exec(tx, "SELECT pg_advisory_xact_lock($1::bigint)", lp, 1, NULL, errstr,
+                      errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t p[] = {QM_PG_TEXT(item)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(tx,
+                  "SELECT count(*) FROM request_lines WHERE item_id = $1"
+                  " AND status IN ('submitted', 'pending_approval', 'approved', 'granted')",
+                  p, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_get_int64(res, 0, 0, used);
+  qm_pg_result_destroy(res);
+  return QM_OK;
+}
+
+/* Second pass, inside the transaction: the subject against the directory and
+ * what they hold, then the request itself. A refusal rolls everything back. */
+static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
+  QM_UNUSED(svc);
+  submit_t *s = ctx;
+  refusals_t *r = &s->refusals;
+  r->n = 0;
+  person_t subject;
+  int rc = people_get(tx, s->subject_id, &subject, errstr, errstr_size);
+  if (rc == QM_ENOTFOUND) {
+    refuse(r, 400, "subject_person_id", "unknown_person", "no such person in the directory");
+    return QM_EINVAL;
+  }
+  if (rc != QM_OK) return rc;
+  const char *origin = origin_of(s->who, &subject);
+  if (!origin) {
+    s->problem = qm_problem_new(403, "forbidden", "Not allowed to request for this person");
+    qm_problem_detail(s->problem, "you may request for yourself, as manager for your direct "
+                                  "reports, or for anyone with the helpdesk or it_admin role");
+    return QM_EINVAL;
+  }
+  qm_strlcpy(s->origin, origin, sizeof(s->origin));
+  if (!strcmp(subject.status, "terminated")) {
+    refuse(r, 422, "subject_person_id", "subject_left", "this person has left the organisation");
+    return QM_EINVAL;
+  }
+  catalog_person_t cp = {subject.employment_type, subject.department, subject.job_function,
+                         subject.country};
+  for (size_t i = 0; i < s->n_lines; i++) {
+    const line_in_t *l = &s->lines[i];
+    char why[256], f[64];
+    snprintf(f, sizeof(f), "lines[%zu].item_id", i);
+    catalog_verdict_t v = catalog_check(l->item, &cp, why, sizeof(why));
+    if (v == CATALOG_NOT_ELIGIBLE) refuse(r, 422, f, "not_eligible", "%s", why);
+    else if (v == CATALOG_UNAVAILABLE_IN_COUNTRY) refuse(r, 422, f, "unavailable_in_country", "%s", why);
+    if (l->item->kind == CATALOG_KIND_ASSET) continue;
+    char holding[16];
+    rc = requests_holding(tx, subject.id, l->item->id, l->role ? l->role->id : "", holding,
+                          sizeof(holding), errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    snprintf(f, sizeof(f), "lines[%zu]", i);
+    if (!strcmp(holding, "held") && !s->extends)
+      refuse(r, 409, f, "already_held",
+             "%s already holds %s/%s (to keep it longer, request an extension with "
+             "extends_request_id)", subject.id, l->item->id, l->role ? l->role->id : "");
+    else if (!strcmp(holding, "pending"))
+      refuse(r, 409, f, "already_pending", "a request for %s/%s is already on its way for %s",
+             l->item->id, l->role ? l->role->id : "", subject.id);
+    if (l->item->seats > 0) {
+      int64_t used = 0;
+      rc = seats_in_use(tx, l->item->id, &used, errstr, errstr_size);
+      if (rc != QM_OK) return rc;
+      if (used >= l->item->seats) {
+        snprintf(f, sizeof(f), "lines[%zu].item_id", i);
+        refuse(r, 409, f, "no_seat", "all %d seats of %s are taken", l->item->seats, l->item->id);
+      }
+    }
+  }
+  const char *flags[1];
+  size_t n_flags = 0;
+  bool screened = !strcmp(subject.employment_type, "contractor") ||
+                  !strcmp(subject.employment_type, "third_party");
+  if (screened && s->in->watch && watchlist_match(s->in->watch, subject.name, subject.country)) {
+    if (s->in->watch_refuse)
+      refuse(r, 403, "subject_person_id", "screening",
+             "this person matches the screening watchlist; contact security");
+    else
+      flags[n_flags++] = "screening_match";
+  }
+  if (r->n) return QM_EINVAL;
+  if (s->extends) {
+    qm_pg_param_t ep[] = {QM_PG_TEXT(s->extends), QM_PG_TEXT(subject.id)};
+    qm_pg_result_t *res = NULL;
+    rc = qm_pg_exec(tx, "SELECT 1 FROM requests WHERE id = $1 AND subject_id = $2", ep, 2, &res,
+                    errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    int found = qm_pg_ntuples(res);
+    qm_pg_result_destroy(res);
+    if (!found) {
+      refuse(r, 400, "extends_request_id", "invalid", "no earlier request for this person with that id");
+      return QM_EINVAL;
+    }
+  }
+  request_new_t rq = {
+      .subject = &subject, .requester_id = s->who->sub, .who = s->who, .origin = s->origin,
+      .reason = s->reason, .extends = s->extends, .idem_key = s->idem_key,
+      .body_hash = s->body_hash, .traceparent = qm_http_req_traceparent(s->req),
+      .lines = s->lines, .n_lines = s->n_lines, .flags = flags, .n_flags = n_flags};
+  rc = requests_create(s->in, tx, &rq, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_strlcpy(s->request_id, rq.id, sizeof(s->request_id));
+  s->replayed = rq.replayed;
+  if (rq.key_clash) {
+    s->problem = qm_problem_new(422, "idempotency-key-reused", "Idempotency-Key already used");
+    qm_problem_detail(s->problem, "this Idempotency-Key was used for a different request body; "
+                                  "use a new key for a new request");
+    return QM_EINVAL;
+  }
+  return QM_OK;
+}
+
 /* Renders a request with its lines and (optionally) its timeline. */
 static int request_json(qm_pg_t *pg, const char *id, bool timeline, json_t **out, char *errstr,
                         size_t errstr_size) {
@@ -424,7 +626,7 @@ static int request_json(qm_pg_t *pg, const char *id, bool timeline, json_t **out
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(pg,
                       "SELECT id, requester_id, subject_id, reason, origin, status,"
-                      " coalesce(extends_request_id, ''),"
+                      " coalesce(extends_request_id, ''), array_to_json(flags)::text AS flags,"
                       " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),"
                       " to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
                       " FROM requests WHERE id = $1",
@@ -438,8 +640,11 @@ static int request_json(qm_pg_t *pg, const char *id, bool timeline, json_t **out
                         "requester_id", qm_pg_get(res, 0, 1), "subject_person_id",
                         qm_pg_get(res, 0, 2), "reason", qm_pg_get(res, 0, 3), "origin",
                         qm_pg_get(res, 0, 4), "status", qm_pg_get(res, 0, 5), "created_at",
-                        qm_pg_get(res, 0, 7), "updated_at", qm_pg_get(res, 0, 8));
+                        qm_pg_get(res, 0, 8), "updated_at", qm_pg_get(res, 0, 9));
   if (*qm_pg_get(res, 0, 6)) json_object_set_new(r, "extends_request_id", json_string(qm_pg_get(res, 0, 6)));
+  json_t *flags = json_loads(qm_pg_get(res, 0, 7), 0, NULL);
+  if (json_array_size(flags) > 0) json_object_set_new(r, "flags", flags);
+  else json_decref(flags);
   qm_pg_result_destroy(res);
   rc = qm_pg_exec(pg,
                   "SELECT line_no, item_id, role_id, kind, risk, grp, duration_days, status,"
@@ -502,14 +707,19 @@ static int request_json(qm_pg_t *pg, const char *id, bool timeline, json_t **out
   return QM_OK;
 }
 
+static void count_request(intake_t *in, const char *origin, const char *outcome) {
+  const char *labels[] = {origin, outcome};
+  qm_metrics_inc(qm_metrics_child(in->m_requests, labels));
+}
+
 static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   intake_t *in = ctx;
   json_t *body = qm_http_req_json(req);
   if (!body) return; /* 400 already set */
   submit_t s = {.in = in, .req = req, .who = qm_http_req_principal(req)};
   const char *key = qm_http_req_header(req, "Idempotency-Key");
-  qm_problem_t *pb = NULL;
-  if (key && (!*key || strlen(key) > 200)) qm_api_field_error(&pb, "Idempotency-Key", "must be 1 to 200 characters");
+  if (key && (!*key || strlen(key) > 200))
+    refuse(&s.refusals, 400, "Idempotency-Key", "invalid", "must be 1 to 200 characters");
   /* Without a key of the caller's, a key of our own for this call: if COMMIT's
    * outcome is unknown (connection lost) and the transaction is retried, the
    * retry finds the first attempt's request instead of creating a second. */
@@ -524,25 +734,28 @@ static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   const char *raw = qm_http_req_body(req, &blen);
   sha256_hex(raw ? raw : "", blen, s.body_hash);
   const catalog_t *cat = intake_catalog_acquire(in);
-  validate_body(&s, cat, body, &pb);
-  if (pb) {
+  validate_body(&s, cat, body);
+  if (s.refusals.n) {
     intake_catalog_release(in);
     free(s.lines);
-    qm_http_resp_problem(resp, pb);
+    count_request(in, "unknown", "refused");
+    qm_http_resp_problem(resp, refusal_problem(in, &s.refusals));
     return;
   }
   char errstr[512] = "";
   int rc = qm_service_tx(in->svc, 10000, submit_tx, &s, errstr, sizeof(errstr));
   intake_catalog_release(in);
   free(s.lines);
-  if (s.problem) {
-    qm_http_resp_problem(resp, s.problem);
+  if (s.problem || (rc == QM_EINVAL && s.refusals.n)) {
+    count_request(in, s.origin[0] ? s.origin : "unknown", "refused");
+    qm_http_resp_problem(resp, s.problem ? s.problem : refusal_problem(in, &s.refusals));
     return;
   }
   if (rc != QM_OK) {
     qm_api_db_error(req, resp, "submitting a request", errstr);
     return;
   }
+  count_request(in, s.origin, s.replayed && key ? "replayed" : "accepted");
   qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(in->svc));
   if (!pg) return;
   json_t *out = NULL;
@@ -619,7 +832,10 @@ static void list_requests(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   qm_api_page(req, 50, 200, &page, &pb);
   bool team = qm_http_req_query(req, "team") != NULL;
   bool mine = qm_http_req_query(req, "mine") != NULL;
-  if (team && mine) qm_api_field_error(&pb, "team", "ask for either mine or team, not both");
+  const char *subject = qm_http_req_query(req, "subject");
+  if ((team + mine + (subject != NULL)) > 1)
+    qm_api_field_error(&pb, "team", "ask for one of mine, team or subject=<person>");
+  if (subject && !*subject) qm_api_field_error(&pb, "subject", "must be a person id");
   const char *status = qm_http_req_query(req, "status");
   if (pb) {
     qm_http_resp_problem(resp, pb);
@@ -627,14 +843,32 @@ static void list_requests(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   }
   qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(in->svc));
   if (!pg) return;
-  qm_pg_param_t p[] = {QM_PG_TEXT(who->sub), QM_PG_INT64(team ? 1 : 0),
+  char errstr[512];
+  int rc = QM_OK;
+  if (subject && strcmp(subject, who->sub)) {
+    /* Someone else's requests: their manager, staff and auditors only. */
+    static const char *const readers[] = {"helpdesk", "it_admin", "auditor", "security", NULL};
+    person_t p;
+    rc = people_get(pg, subject, &p, errstr, sizeof(errstr));
+    bool allowed = qm_api_has_any_role(who, readers) ||
+                   (rc == QM_OK && !strcmp(p.manager_id, who->sub));
+    if (!allowed) {
+      qm_pg_pool_release(qm_service_pool(in->svc), pg);
+      qm_http_problem(resp, 403, "forbidden", "Not allowed",
+                      "you may list the requests of yourself, your direct reports, or anyone "
+                      "with the helpdesk, it_admin, auditor or security role");
+      return;
+    }
+  }
+  qm_pg_param_t p[] = {QM_PG_TEXT(subject ? subject : who->sub),
+                       QM_PG_INT64(subject ? 2 : team ? 1 : 0),
                        status ? QM_PG_TEXT(status) : QM_PG_NULL, QM_PG_INT64(page.after),
                        QM_PG_INT64(page.limit + 1)};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
+  rc = qm_pg_exec(pg,
                       "SELECT r.id, r.seq FROM requests r WHERE"
                       " CASE WHEN $2::int = 1 THEN r.subject_id IN (SELECT id FROM people WHERE manager_id = $1)"
+                      " WHEN $2::int = 2 THEN r.subject_id = $1"
                       " ELSE (r.requester_id = $1 OR r.subject_id = $1) END"
                       " AND ($3::text IS NULL OR r.status = $3)"
                       " AND ($4::bigint = 0 OR r.seq < $4::bigint)"
