@@ -92,9 +92,12 @@ Test(bad_input, bad_http_requests_change_nothing, .fini = it_fini) {
             "malformed JSON: detail does not say where (line/column): %s", r.body);
   it_resp_clear(&r);
 
-  /* Well-formed JSON, bad fields: 400 naming each field. */
+  /* Well-formed JSON, bad fields: 400 naming each field (a reason is needed
+   * because the second line is sensitive). */
   it_http(st, "intake", "POST", "/v1/requests", token,
-          "{\"reason\":\"\",\"lines\":[{\"item_id\":\"nope\"}]}", NULL, &r);
+          "{\"reason\":\"\",\"lines\":[{\"item_id\":\"nope\"},"
+          "{\"item_id\":\"github\",\"role_id\":\"write\"}]}",
+          NULL, &r);
   assert_problem(&r, 400, "invalid fields");
   cr_assert(json_is_array(json_object_get(r.json, "errors")), "no errors array: %s", r.body);
   cr_assert(problem_names_field(r.json, "reason"), "errors do not name 'reason': %s", r.body);
