@@ -185,12 +185,11 @@ static bool bundle_has(const catalog_bundle_t *b, const char *item, const char *
  * those needing an attestation) in another that goes through approval. Items
  * the person is not eligible for, or already holds or has pending, are
  * skipped. */
-static int file_birthright(intake_t *in, qm_pg_t *tx, const person_t *p,
+static int file_birthright(intake_t *in, qm_pg_t *tx, const catalog_t *cat, const person_t *p,
                            const catalog_bundle_t *want, const catalog_bundle_t *except,
                            const char *why, const char *event_id, const char *traceparent,
                            char *errstr, size_t errstr_size) {
   if (!want) return QM_OK;
-  const catalog_t *cat = intake_catalog_acquire(in);
   line_in_t *auto_lines = qm_calloc(want->n_entries, sizeof(line_in_t));
   line_in_t *review_lines = qm_calloc(want->n_entries, sizeof(line_in_t));
   size_t n_auto = 0, n_review = 0;
@@ -236,7 +235,6 @@ static int file_birthright(intake_t *in, qm_pg_t *tx, const person_t *p,
   }
   free(auto_lines);
   free(review_lines);
-  intake_catalog_release(in);
   return rc;
 }
 
@@ -336,7 +334,8 @@ static int cancel_pending(intake_t *in, qm_pg_t *tx, const person_t *p, const ch
 
 /* Applies an HR change whose date has come: the person's record (unless a
  * later-dated change is already applied: a late event is ignored), then what
- * the change means for their access. */
+ * the change means for their access. Holds the catalog's read lock once for
+ * all of it (never recursively: a queued reload would deadlock). */
 static int apply_hr(intake_t *in, qm_pg_t *tx, const Qm__V1__HrEvent *he, const char *event_id,
                     const char *traceparent, char *errstr, size_t errstr_size) {
   const Qm__V1__Person *hp = he->person;
@@ -386,7 +385,7 @@ static int apply_hr(intake_t *in, qm_pg_t *tx, const Qm__V1__HrEvent *he, const 
   switch (he->kind) {
   case QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_JOINER:
     snprintf(why, sizeof(why), "birthright: joined %s on %s", now.department, he->effective_date);
-    rc = file_birthright(in, tx, &now, new_b, NULL, why, event_id, traceparent, errstr, errstr_size);
+    rc = file_birthright(in, tx, cat, &now, new_b, NULL, why, event_id, traceparent, errstr, errstr_size);
     break;
   case QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_MOVER:
     if (strcasecmp(old_dept, now.department) != 0) {
@@ -394,7 +393,7 @@ static int apply_hr(intake_t *in, qm_pg_t *tx, const Qm__V1__HrEvent *he, const 
       snprintf(why, sizeof(why), "birthright: moved from %s to %s on %s", old_dept, now.department,
                he->effective_date);
       if (rc == QM_OK)
-        rc = file_birthright(in, tx, &now, new_b, old_b, why, event_id, traceparent, errstr,
+        rc = file_birthright(in, tx, cat, &now, new_b, old_b, why, event_id, traceparent, errstr,
                              errstr_size);
     }
     break;
