@@ -708,9 +708,12 @@ static int qm_service_start(qm_service_t *svc) {
   qm_http_ready_check(svc->http, "kafka", qm_service_ready_kafka, svc);
   if (def->uses_redis) qm_http_ready_check(svc->http, "redis", qm_service_ready_redis, svc);
 
-  if (def->init && def->init(svc, &svc->app, errstr, sizeof(errstr)) != QM_OK) {
-    qm_log(QM_LOG_FATAL, NULL, NULL, "start-up failed: %s", errstr);
-    return 1;
+  if (def->init) {
+    int irc = def->init(svc, &svc->app, errstr, sizeof(errstr));
+    if (irc != QM_OK) {
+      qm_log(QM_LOG_FATAL, NULL, NULL, "start-up failed: %s", errstr);
+      return irc == QM_EINVAL ? 2 : 1; /* QM_EINVAL from init: configuration */
+    }
   }
 
   if (def->n_consumes > 0) {

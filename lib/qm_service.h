@@ -63,7 +63,8 @@ typedef struct qm_service_def {
   bool uses_redis;
   /* After configuration, database and migrations, before HTTP starts: build
    * the app state (*app), register routes with qm_service_http(). Non-zero
-   * stops start-up with errstr. */
+   * stops start-up with errstr: QM_EINVAL means the configuration (or what
+   * it points at) is wrong, and the process exits 2 like any bad variable. */
   int (*init)(qm_service_t *svc, void **app, char *errstr, size_t errstr_size);
   /* After the consumer loop stopped and before HTTP stops: stop app threads. */
   void (*stop)(qm_service_t *svc, void *app);

@@ -145,7 +145,8 @@ static int on_submitted(qm_service_t *svc, qm_pg_t *tx, const qm_event_in_t *ev,
     qm__v1__request_submitted__pack(rs, buf);
     /* Automatic: a standard-risk line the catalog lets through, or a
      * standard-risk birthright line (a joiner's or mover's department bundle). */
-    bool automatic = line->risk == QM__V1__RISK__RISK_STANDARD &&
+    /* A flagged request (e.g. a screening match) always goes to a person. */
+    bool automatic = line->risk == QM__V1__RISK__RISK_STANDARD && rs->n_flags == 0 &&
                      (line->auto_approve_allowed || !strcmp(rs->origin, "birthright"));
     char line_no[16];
     snprintf(line_no, sizeof(line_no), "%d", line->line_no);

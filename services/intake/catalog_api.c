@@ -192,10 +192,17 @@ static void get_item(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   if (!eligible) json_object_set_new(o, "ineligible_reason", json_string(why));
   /* The form: only what approval and provisioning need. */
   json_t *fields = json_array();
-  json_array_append_new(fields, json_pack("{s:s, s:s, s:b, s:i, s:i, s:s}", "name", "reason",
-                                          "type", "string", "required", 1, "min_length", 3,
-                                          "max_length", 2000, "label",
-                                          "Why do you need it? (approvers read this)"));
+  /* A reason is required where a role is sensitive or elevated (approvers
+   * read it); roles_needing_reason says which. */
+  json_t *needing = json_array();
+  for (size_t r = 0; r < it->n_roles; r++)
+    if (it->roles[r].risk != CATALOG_RISK_STANDARD) json_array_append_new(needing, json_string(it->roles[r].id));
+  json_array_append_new(fields, json_pack("{s:s, s:s, s:b, s:i, s:i, s:s, s:o}", "name", "reason",
+                                          "type", "string", "required",
+                                          it->n_roles > 0 && json_array_size(needing) == it->n_roles,
+                                          "min_length", 3, "max_length", 2000, "label",
+                                          "Why do you need it? (approvers read this)",
+                                          "required_for_roles", needing));
   if (it->n_roles > 0) {
     json_t *values = json_array();
     for (size_t r = 0; r < it->n_roles; r++) json_array_append_new(values, json_string(it->roles[r].id));

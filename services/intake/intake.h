@@ -79,7 +79,7 @@ typedef struct request_new {
   const person_t *subject;
   const char *requester_id;        /* person id, or "intake" for automation */
   const qm_principal_t *who;       /* the caller, NULL for automation */
-  const char *origin;              /* self_service, manager, helpdesk, birthright, birthright_review, mover */
+  const char *origin;              /* self_service, manager, helpdesk, birthright, birthright_review */
   const char *reason;
   const char *extends;             /* or NULL */
   const char *idem_key;            /* never NULL */
@@ -104,6 +104,11 @@ int requests_create(intake_t *in, qm_pg_t *tx, request_new_t *rq, char *errstr,
  * item and role: "held", "pending" or "" (neither). */
 int requests_holding(qm_pg_t *tx, const char *subject, const char *item, const char *role,
                      char *out, size_t out_size, char *errstr, size_t errstr_size);
+
+/* Seats of a licence held or on the way, counted under a per-item
+ * transaction lock (so the caller's check and insert are not raced). */
+int requests_seats_in_use(qm_pg_t *tx, const char *item, int64_t *used, char *errstr,
+                          size_t errstr_size);
 
 /* Starts/stops the thread that applies HR changes when their date arrives. */
 int people_ticker_start(intake_t *in, char *errstr, size_t errstr_size);

@@ -119,6 +119,8 @@ static const qm_migration_t migrations[] = {
      " eta_ms bigint NOT NULL,"
      " updated_at timestamptz NOT NULL DEFAULT now(),"
      " PRIMARY KEY (model_id, site_id));"},
+    {5, "scheduled HR changes that failed",
+     "ALTER TABLE hr_scheduled ADD COLUMN error text;"},
 };
 
 static const qm_cfg_def_t config[] = {

@@ -195,6 +195,20 @@ static int file_birthright(intake_t *in, qm_pg_t *tx, const catalog_t *cat, cons
   size_t n_auto = 0, n_review = 0;
   int rc = QM_OK;
   catalog_person_t cp = {p->employment_type, p->department, p->job_function, p->country};
+  /* Automation screens like a person would be: a watchlisted contractor gets
+   * nothing automatically (refuse), or requests flagged for approval (flag). */
+  const char *flags[1];
+  size_t n_flags = 0;
+  bool screened = !strcmp(p->employment_type, "contractor") || !strcmp(p->employment_type, "third_party");
+  if (screened && in->watch && watchlist_match(in->watch, p->name, p->country)) {
+    if (in->watch_refuse) {
+      qm_log_warn("birthright for %s not filed: the person matches the screening watchlist", p->id);
+      free(auto_lines);
+      free(review_lines);
+      return QM_OK;
+    }
+    flags[n_flags++] = "screening_match";
+  }
   for (size_t i = 0; i < want->n_entries && rc == QM_OK; i++) {
     const catalog_bundle_entry_t *e = &want->entries[i];
     if (bundle_has(except, e->item_id, e->role_id)) continue;
@@ -210,6 +224,15 @@ static int file_birthright(intake_t *in, qm_pg_t *tx, const catalog_t *cat, cons
     rc = requests_holding(tx, p->id, it->id, ro ? ro->id : "", holding, sizeof(holding), errstr,
                           errstr_size);
     if (rc != QM_OK || holding[0]) continue;
+    if (it->seats > 0) {
+      int64_t used = 0;
+      rc = requests_seats_in_use(tx, it->id, &used, errstr, errstr_size);
+      if (rc != QM_OK) break;
+      if (used >= it->seats) {
+        qm_log_warn("birthright for %s skips %s: all %d seats are taken", p->id, it->id, it->seats);
+        continue;
+      }
+    }
     bool privileged = (ro && ro->risk != CATALOG_RISK_STANDARD) || it->attestation;
     line_in_t *l = privileged ? &review_lines[n_review++] : &auto_lines[n_auto++];
     l->item = it;
@@ -228,7 +251,7 @@ static int file_birthright(intake_t *in, qm_pg_t *tx, const catalog_t *cat, cons
                         .origin = pass == 0 ? "birthright" : "birthright_review",
                         .reason = reason, .idem_key = key, .body_hash = key,
                         .traceparent = traceparent, .lines = pass == 0 ? auto_lines : review_lines,
-                        .n_lines = n};
+                        .n_lines = n, .flags = flags, .n_flags = n_flags};
     rc = requests_create(in, tx, &rq, errstr, errstr_size);
     if (rc == QM_OK && !rq.replayed)
       qm_log(QM_LOG_INFO, rq.id, NULL, "%s request for %s: %zu line(s) (%s)", rq.origin, p->id, n, why);
@@ -293,7 +316,8 @@ static int revoke_old_bundle(intake_t *in, qm_pg_t *tx, const person_t *p,
 }
 
 /* Leaver: every line not yet decided is cancelled, one RequestCancelled per
- * request. Provisioning and fulfilment act on the HR event themselves. */
+ * request. Revoking grants and recalling assets are provisioning's and
+ * fulfilment's, on the same HR event (issues 5 and 7). */
 static int cancel_pending(intake_t *in, qm_pg_t *tx, const person_t *p, const char *traceparent,
                           char *errstr, size_t errstr_size) {
   qm_pg_param_t q[] = {QM_PG_TEXT(p->id)};
@@ -457,47 +481,92 @@ out:
   return rc;
 }
 
-/* Applies scheduled HR changes whose day has come, oldest date first, each in
- * the same kind of transaction as a live event. */
-static int tick_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
+/* Applies one scheduled HR change whose day has come. A change that cannot be
+ * decoded or applied (other than for a transient reason) is marked with its
+ * error and skipped, so it never blocks the others. */
+typedef struct tick_one {
+  intake_t *in;
+  int64_t id;
+  bool done;
+} tick_one_t;
+
+static int tick_one_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
   QM_UNUSED(svc);
-  intake_t *in = ctx;
-  char day[11];
-  today(day);
-  qm_pg_param_t p[] = {QM_PG_TEXT(day)};
+  tick_one_t *t = ctx;
+  qm_pg_param_t p[] = {QM_PG_INT64(t->id)};
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(tx,
-                      "SELECT id, event, event_id, coalesce(traceparent, '') FROM hr_scheduled"
-                      " WHERE applied_at IS NULL AND effective_date <= $1"
-                      " ORDER BY effective_date, id LIMIT 100 FOR UPDATE SKIP LOCKED",
+                      "SELECT event, event_id, coalesce(traceparent, '') FROM hr_scheduled"
+                      " WHERE id = $1::bigint AND applied_at IS NULL FOR UPDATE SKIP LOCKED",
                       p, 1, &res, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  for (int i = 0; i < qm_pg_ntuples(res) && rc == QM_OK; i++) {
-    unsigned char *bytes = NULL;
-    size_t len = 0;
-    qm_pg_get_bytes(res, i, 1, &bytes, &len);
-    Qm__V1__HrEvent *he = qm__v1__hr_event__unpack(NULL, len, bytes);
-    if (he) {
-      rc = apply_hr(in, tx, he, qm_pg_get(res, i, 2), qm_pg_get(res, i, 3), errstr, errstr_size);
-      qm__v1__hr_event__free_unpacked(he, NULL);
-    }
-    free(bytes);
-    if (rc == QM_OK) {
-      qm_pg_param_t up[] = {QM_PG_TEXT(qm_pg_get(res, i, 0))};
-      rc = qm_pg_exec(tx, "UPDATE hr_scheduled SET applied_at = now() WHERE id = $1::bigint", up,
-                      1, NULL, errstr, errstr_size);
-    }
+  if (qm_pg_ntuples(res) == 0) {
+    qm_pg_result_destroy(res);
+    return QM_OK; /* another instance has it */
+  }
+  unsigned char *bytes = NULL;
+  size_t len = 0;
+  qm_pg_get_bytes(res, 0, 0, &bytes, &len);
+  Qm__V1__HrEvent *he = qm__v1__hr_event__unpack(NULL, len, bytes);
+  char why[512] = "";
+  if (!he) {
+    qm_strlcpy(why, "stored event cannot be decoded", sizeof(why));
+    rc = QM_EINVAL;
+  } else {
+    rc = apply_hr(t->in, tx, he, qm_pg_get(res, 0, 1), qm_pg_get(res, 0, 2), why, sizeof(why));
+    qm__v1__hr_event__free_unpacked(he, NULL);
+  }
+  free(bytes);
+  qm_pg_result_destroy(res);
+  if (rc != QM_OK && rc != QM_EINVAL && rc != QM_EPOISON) {
+    qm_strlcpy(errstr, why, errstr_size); /* the database: try again next tick */
+    return rc;
+  }
+  if (rc != QM_OK) {
+    /* Undo what apply_hr wrote, keep the verdict. */
+    if ((rc = qm_pg_rollback(tx, errstr, errstr_size)) != QM_OK) return rc;
+    if ((rc = qm_pg_begin(tx, errstr, errstr_size)) != QM_OK) return rc;
+    qm_log_error("scheduled HR change %lld could not be applied: %s; marked failed (see hr_scheduled.error)",
+                 (long long)t->id, why);
+  }
+  qm_pg_param_t up[] = {QM_PG_INT64(t->id), why[0] && rc == QM_OK ? QM_PG_TEXT(why) : QM_PG_NULL};
+  rc = qm_pg_exec(tx, "UPDATE hr_scheduled SET applied_at = now(), error = $2 WHERE id = $1::bigint",
+                  up, 2, NULL, errstr, errstr_size);
+  t->done = rc == QM_OK;
+  return rc;
+}
+
+/* Applies the scheduled HR changes whose day has come, oldest date first,
+ * each in its own transaction. */
+static void tick(intake_t *in) {
+  char day[11], errstr[512] = "";
+  today(day);
+  qm_pg_t *pg = NULL;
+  if (qm_pg_pool_acquire(qm_service_pool(in->svc), 5000, &pg) != QM_OK) return;
+  qm_pg_param_t p[] = {QM_PG_TEXT(day)};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(pg,
+                      "SELECT id FROM hr_scheduled WHERE applied_at IS NULL AND effective_date <= $1"
+                      " ORDER BY effective_date, id LIMIT 500",
+                      p, 1, &res, errstr, sizeof(errstr));
+  qm_pg_pool_release(qm_service_pool(in->svc), pg);
+  if (rc != QM_OK) {
+    qm_log_warn("reading scheduled HR changes failed: %s (retrying)", errstr);
+    return;
+  }
+  for (int i = 0; i < qm_pg_ntuples(res) && !qm_shutdown_requested(); i++) {
+    tick_one_t t = {.in = in};
+    qm_pg_get_int64(res, i, 0, &t.id);
+    if (qm_service_tx(in->svc, 10000, tick_one_tx, &t, errstr, sizeof(errstr)) != QM_OK)
+      qm_log_warn("applying scheduled HR change %lld failed: %s (retrying)", (long long)t.id, errstr);
   }
   qm_pg_result_destroy(res);
-  return rc;
 }
 
 static void *ticker_main(void *arg) {
   intake_t *in = arg;
   while (!qm_shutdown_requested()) {
-    char errstr[512] = "";
-    int rc = qm_service_tx(in->svc, 10000, tick_tx, in, errstr, sizeof(errstr));
-    if (rc != QM_OK) qm_log_warn("applying scheduled HR changes failed: %s (retrying)", errstr);
+    tick(in);
     qm_sleep_ms(in->hr_tick_ms);
   }
   return NULL;

@@ -498,7 +498,7 @@ int requests_holding(qm_pg_t *tx, const char *subject, const char *item, const c
 
 /* Seats in use for a licence: held or on the way. Serialised per item by an
  * advisory lock so two requests cannot both take the last seat. */
-static int seats_in_use(qm_pg_t *tx, const char *item, int64_t *used, char *errstr,
+int requests_seats_in_use(qm_pg_t *tx, const char *item, int64_t *used, char *errstr,
                         size_t errstr_size) {
   char lock[160];
   snprintf(lock, sizeof(lock), "qm.intake.seats.%s", item);
@@ -525,8 +525,42 @@ static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
   submit_t *s = ctx;
   refusals_t *r = &s->refusals;
   r->n = 0;
+  /* A retry (same key) is answered before any check: what was true when the
+   * request was filed — and is no longer, because it was filed — must not
+   * turn the retry into a refusal. */
+  qm_pg_param_t kp[] = {QM_PG_TEXT(s->who->sub), QM_PG_TEXT(s->idem_key)};
+  qm_pg_result_t *kres = NULL;
+  int rc = qm_pg_exec(tx,
+                      "SELECT id, body_hash, origin FROM requests"
+                      " WHERE requester_id = $1 AND idempotency_key = $2",
+                      kp, 2, &kres, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (qm_pg_ntuples(kres) == 1) {
+    bool same = !strcmp(qm_pg_get(kres, 0, 1), s->body_hash);
+    if (same) {
+      qm_strlcpy(s->request_id, qm_pg_get(kres, 0, 0), sizeof(s->request_id));
+      qm_strlcpy(s->origin, qm_pg_get(kres, 0, 2), sizeof(s->origin));
+      s->replayed = true;
+    }
+    qm_pg_result_destroy(kres);
+    if (same) return QM_OK;
+    s->problem = qm_problem_new(422, "idempotency-key-reused", "Idempotency-Key already used");
+    qm_problem_detail(s->problem, "this Idempotency-Key was used for a different request body; "
+                                  "use a new key for a new request");
+    return QM_EINVAL;
+  }
+  qm_pg_result_destroy(kres);
+  /* Who may ask for whom is settled before the directory is consulted, so
+   * the answers do not tell a stranger which person ids exist. */
+  if (strcmp(s->subject_id, s->who->sub) && !qm_principal_has_role(s->who, "manager") &&
+      !qm_api_has_any_role(s->who, intake_staff_roles)) {
+    s->problem = qm_problem_new(403, "forbidden", "Not allowed to request for this person");
+    qm_problem_detail(s->problem, "you may request for yourself, as manager for your direct "
+                                  "reports, or for anyone with the helpdesk or it_admin role");
+    return QM_EINVAL;
+  }
   person_t subject;
-  int rc = people_get(tx, s->subject_id, &subject, errstr, errstr_size);
+  rc = people_get(tx, s->subject_id, &subject, errstr, errstr_size);
   if (rc == QM_ENOTFOUND) {
     refuse(r, 400, "subject_person_id", "unknown_person", "no such person in the directory");
     return QM_EINVAL;
@@ -568,8 +602,9 @@ static int submit_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, si
              l->item->id, l->role ? l->role->id : "", subject.id);
     if (l->item->seats > 0) {
       int64_t used = 0;
-      rc = seats_in_use(tx, l->item->id, &used, errstr, errstr_size);
+      rc = requests_seats_in_use(tx, l->item->id, &used, errstr, errstr_size);
       if (rc != QM_OK) return rc;
+      for (size_t j = 0; j < i; j++) used += s->lines[j].item == l->item; /* this request's own */
       if (used >= l->item->seats) {
         snprintf(f, sizeof(f), "lines[%zu].item_id", i);
         refuse(r, 409, f, "no_seat", "all %d seats of %s are taken", l->item->seats, l->item->id);
@@ -851,7 +886,8 @@ static void list_requests(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     person_t p;
     rc = people_get(pg, subject, &p, errstr, sizeof(errstr));
     bool allowed = qm_api_has_any_role(who, readers) ||
-                   (rc == QM_OK && !strcmp(p.manager_id, who->sub));
+                   (rc == QM_OK && qm_principal_has_role(who, "manager") &&
+                    !strcmp(p.manager_id, who->sub));
     if (!allowed) {
       qm_pg_pool_release(qm_service_pool(in->svc), pg);
       qm_http_problem(resp, 403, "forbidden", "Not allowed",
