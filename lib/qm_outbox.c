@@ -359,22 +359,19 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
   int *results = NULL;
   size_t n = 0, delivered = 0;
 
-  /* Why `txid < pg_snapshot_xmin(pg_current_snapshot())`: ids come from a
-   * sequence when a row is inserted, but transactions commit in any order,
-   * so id 11 (transaction B, committed) can be visible while id 10
-   * (transaction A, still running) is not. A relay that read "everything
-   * committed" in id order would publish 11 before 10, and one that kept a
-   * high-water mark ("done up to 11") would skip 10 forever. The snapshot's
-   * xmin is the oldest transaction still running: every row whose txid is
-   * below it belongs to a finished transaction (committed, or rolled back
-   * and therefore invisible), so what we read is final; A's row has
-   * txid >= xmin while A runs and waits. B's row goes out now if B's xid is
-   * older than A's (before A's row, which is B's commit order), or after A
-   * ends if it is younger (then both go out in id order); each exactly
-   * once: every row carries its own published_at, so nothing relies on a
-   * high-water mark. A long-running writing
-   * transaction anywhere in the cluster delays publication (never loses
-   * anything). */
+  /* No high-water mark, hence no gap: ids come from a sequence at insert but
+   * transactions commit in any order, so a row with a lower id (transaction
+   * A, still running) can become visible after a higher one (B, committed).
+   * A relay that remembered "done up to B's id" would skip A's row forever;
+   * this one marks each row published on its own (published_at) and reads
+   * every unpublished committed row each round, so A's row is simply read in
+   * a later round. Order follows commit order: rows that are visible together
+   * go out in id order, and a row never goes out before one committed before
+   * it (its transaction could not have seen the earlier one otherwise), so
+   * causally ordered events keep their order. Reading only rows older than
+   * the snapshot's xmin (the textbook fix for high-water-mark relays) is not
+   * needed, and would let any long-running writing transaction anywhere on
+   * the server hold back every service's events. */
   qm_pg_param_t p[] = {QM_PG_INT64(r->conf.batch)};
   rc = qm_pg_exec(r->pg,
                   "SELECT id, topic, key, ce_id, ce_source, ce_type, ce_subject, ce_time_ms,"
@@ -382,7 +379,6 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
                   " (extract(epoch FROM clock_timestamp() - created_at) * 1000)::bigint"
                   " FROM outbox"
                   " WHERE published_at IS NULL"
-                  " AND txid < pg_snapshot_xmin(pg_current_snapshot())"
                   " ORDER BY id LIMIT $1",
                   p, 1, &res, err, sizeof(err));
   if (rc != QM_OK) {
@@ -391,8 +387,7 @@ static int relay_publish_batch(qm_relay_t *r, size_t *published, bool *full) {
   }
   n = (size_t)qm_pg_ntuples(res);
   *full = n == (size_t)r->conf.batch;
-  /* Lag counts every unpublished row, including those a long transaction
-   * elsewhere keeps from being read yet: that is when an alert must fire. */
+  /* Lag: the age of the oldest unpublished row (by id: the oldest insert). */
   int64_t age = 0;
   qm_pg_result_t *ares = NULL;
   if (qm_pg_exec(r->pg,

@@ -106,8 +106,8 @@ typedef struct qm_relay_stats {
   uint64_t published_total;          /* events marked published by this instance */
   uint64_t publish_failures;         /* batches in which an event failed to publish */
   uint64_t last_batch_size;          /* rows read by the latest step */
-  int64_t oldest_unpublished_age_ms; /* age of the oldest unpublished row (ready or held back by a
-                                      * running transaction) at the latest step, 0 if none */
+  int64_t oldest_unpublished_age_ms; /* age of the oldest unpublished row at the latest step,
+                                      * 0 if none */
   bool leader;                       /* this instance holds the schema's relay lock */
 } qm_relay_stats_t;
 

@@ -337,6 +337,8 @@ Test(outbox, rolled_back_rows_are_never_published) {
   qm_relay_destroy(r);
 }
 
+/* No gap: a row whose transaction commits after a later id's is still
+ * published, exactly once; the committed one does not wait for it. */
 Test(outbox, in_flight_lower_id_is_not_skipped) {
   qm_pg_t *a = must_connect();
   qm_pg_t *b = must_connect();
@@ -349,18 +351,12 @@ Test(outbox, in_flight_lower_id_is_not_skipped) {
   add_in_tx(a, "a-lower", "k");
   add_committed(b, "b-higher", "k");
   cr_assert_eq(query_int(admin, "SELECT count(*) FROM outbox"), 1, "only B is visible");
-
-  for (int i = 0; i < 3; i++) {
-    size_t n = 99;
-    cr_assert_eq(qm_relay_run_once(r, &n), QM_OK);
-    cr_assert_eq(n, 0, "B's row must wait while A (lower id) is in flight");
-  }
-  cr_assert_eq(rec_count(&rec), 0);
+  run_until(r, &rec, 1);
+  cr_assert_str_eq(rec.ids[0], "b-higher", "B committed first: it goes out first");
 
   cr_assert_eq(qm_pg_commit(a, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
   run_until(r, &rec, 2);
-  cr_assert_str_eq(rec.ids[0], "a-lower", "published in id order");
-  cr_assert_str_eq(rec.ids[1], "b-higher");
+  cr_assert_str_eq(rec.ids[1], "a-lower", "A's lower id is not skipped");
   for (int i = 0; i < 3; i++) {
     size_t n = 99;
     cr_assert_eq(qm_relay_run_once(r, &n), QM_OK);
@@ -469,29 +465,21 @@ Test(outbox, lag_gauge_reports_oldest_unpublished) {
   qm_relay_destroy(r);
 }
 
-/* Regression: a row held back by a long transaction elsewhere (its txid is
- * not below the snapshot's xmin yet) must show in the lag gauge; it read 0
- * exactly when an alert was needed. */
-Test(outbox, lag_gauge_counts_rows_held_back_by_a_long_transaction) {
+/* Regression: a long-running writing transaction elsewhere on the server
+ * must not hold back publication (with an xmin rule it stalled every relay). */
+Test(outbox, long_transaction_elsewhere_does_not_hold_back_publication) {
   qm_pg_t *c = must_connect();
   qm_pg_t *other = must_connect();
   cr_assert_eq(qm_pg_begin(other, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
   cr_assert_eq(qm_pg_exec_simple(other, "SELECT pg_current_xact_id()", errstr, sizeof(errstr)),
                QM_OK, "%s", errstr);
-  add_committed(c, "held", "k");
-  usleep(300000);
+  add_committed(c, "not-held", "k");
   rec_t rec;
   rec_init(&rec);
   qm_relay_t *r = make_relay(&rec, 10, NULL);
-  size_t n = 0;
-  qm_relay_stats_t st;
-  for (int i = 0; i < 3; i++) qm_relay_run_once(r, &n);
-  qm_relay_stats(r, &st);
-  cr_assert_eq(rec_count(&rec), 0, "published past a running older transaction");
-  cr_assert_geq(st.oldest_unpublished_age_ms, 250, "age %lld",
-                (long long)st.oldest_unpublished_age_ms);
-  cr_assert_eq(qm_pg_rollback(other, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
   run_until(r, &rec, 1);
+  cr_assert_str_eq(rec.ids[0], "not-held");
+  cr_assert_eq(qm_pg_rollback(other, errstr, sizeof(errstr)), QM_OK, "%s", errstr);
   qm_relay_destroy(r);
 }
 
