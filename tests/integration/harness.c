@@ -26,8 +26,12 @@
 #include "qm_log.h"
 #include "qm_topics.h"
 
+#include "qm/v1/hr.pb-c.h"
+#include "qm/v1/requests.pb-c.h"
+
 #include <criterion/criterion.h>
 #include <curl/curl.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libpq-fe.h>
@@ -36,6 +40,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -59,8 +64,15 @@ extern char **environ;
 static const char *const it_service_names[IT_N_SERVICES] = {"intake", "approval", "provisioning",
                                                             "fulfillment", "audit"};
 
+/* A NULL-terminated list of "NAME=value" strings (an envp). */
+typedef struct it_env {
+  char **v;
+  size_t n, cap;
+} it_env_t;
+
 typedef struct it_svc {
   const char *name; /* one of it_service_names */
+  it_env_t extra;   /* per-service overrides ("NAME=value"; "NAME" removes) */
   int port;
   pid_t pid; /* 0 when not running */
   char log_path[PATH_MAX];
@@ -79,6 +91,7 @@ struct it_stack {
   char scim_log[PATH_MAX + 16];
   it_svc_t svc[IT_N_SERVICES];
   PGconn *pg;                 /* to the run's database, lazily opened */
+  qm_producer_t *hr_prod;     /* for it_hr_publish(), lazily created */
   pthread_mutex_t scim_lock;  /* guards scim_users */
   json_t *scim_users;         /* SCIM user id -> userName, lazily loaded */
 };
@@ -223,11 +236,6 @@ static void ports_in_use(const it_stack_t *st, int *out, size_t *n) {
 
 /* ------------------------------------------------------------ environments */
 
-typedef struct it_env {
-  char **v;
-  size_t n, cap;
-} it_env_t;
-
 /* The test's environment without any QM_* variable (a developer's shell
  * must not change what the harness runs). */
 static void env_init(it_env_t *e) {
@@ -251,6 +259,44 @@ static void env_put(it_env_t *e, const char *kv) {
   size_t nl = eq ? (size_t)(eq - kv) + 1 : strlen(kv);
   for (size_t i = 0; i < e->n; i++) {
     if (!strncmp(e->v[i], kv, nl)) {
+      free(e->v[i]);
+      e->v[i] = qm_strdup(kv);
+      return;
+    }
+  }
+  if (e->n + 2 >= e->cap) {
+    e->cap *= 2;
+    e->v = qm_realloc(e->v, e->cap * sizeof(char *));
+  }
+  e->v[e->n++] = qm_strdup(kv);
+  e->v[e->n] = NULL;
+}
+
+/* Removes NAME (kv is "NAME" or "NAME=…"). */
+static void env_remove(it_env_t *e, const char *kv) {
+  const char *eq = strchr(kv, '=');
+  size_t nl = eq ? (size_t)(eq - kv) : strlen(kv);
+  for (size_t i = 0; i < e->n; i++) {
+    if (!strncmp(e->v[i], kv, nl) && e->v[i][nl] == '=') {
+      free(e->v[i]);
+      memmove(&e->v[i], &e->v[i + 1], (e->n - i) * sizeof(char *));
+      e->n--;
+      return;
+    }
+  }
+}
+
+/* An override list: "NAME=value" replaces, "NAME" is kept as a removal. */
+static void override_put(it_env_t *e, const char *kv) {
+  if (!e->v) {
+    e->cap = 8;
+    e->v = qm_calloc(e->cap, sizeof(char *));
+  }
+  const char *eq = strchr(kv, '=');
+  size_t nl = eq ? (size_t)(eq - kv) : strlen(kv);
+  for (size_t i = 0; i < e->n; i++) {
+    const char *o = e->v[i];
+    if (!strncmp(o, kv, nl) && (o[nl] == '=' || o[nl] == '\0')) {
       free(e->v[i]);
       e->v[i] = qm_strdup(kv);
       return;
@@ -443,6 +489,10 @@ static void header_value(const char *line, size_t len, const char *name, char *o
 static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
   it_resp_t *r = ud;
   size_t n = size * nmemb;
+  size_t have = r->headers ? strlen(r->headers) : 0;
+  r->headers = qm_realloc(r->headers, have + n + 1);
+  memcpy(r->headers + have, data, n);
+  r->headers[have + n] = '\0';
   header_value(data, n, "Content-Type", r->content_type, sizeof(r->content_type));
   header_value(data, n, "Location", r->location, sizeof(r->location));
   return n;
@@ -502,7 +552,30 @@ void it_resp_clear(it_resp_t *r) {
   if (!r) return;
   json_decref(r->json);
   free(r->body);
+  free(r->headers);
   memset(r, 0, sizeof(*r));
+}
+
+bool it_resp_header(const it_resp_t *r, const char *name, char *out, size_t cap) {
+  if (cap > 0) out[0] = '\0';
+  if (!r->headers || cap == 0) return false;
+  /* Only the last response's headers count (curl reports every hop's). */
+  const char *p = r->headers, *found = NULL;
+  size_t found_len = 0;
+  while (*p) {
+    const char *eol = strchr(p, '\n');
+    size_t len = eol ? (size_t)(eol - p) + 1 : strlen(p);
+    if (len >= 5 && !strncmp(p, "HTTP/", 5)) found = NULL;
+    size_t nl = strlen(name);
+    if (len > nl && !strncasecmp(p, name, nl) && p[nl] == ':') {
+      found = p;
+      found_len = len;
+    }
+    p += len;
+  }
+  if (!found) return false;
+  header_value(found, found_len, name, out, cap);
+  return true;
 }
 
 static it_svc_t *svc_find(it_stack_t *st, const char *name) {
@@ -574,6 +647,94 @@ json_t *it_request_wait(it_stack_t *st, const char *id, const char *token, const
   json_t *j = json_incref(r.json);
   it_resp_clear(&r);
   return j;
+}
+
+json_t *it_requests_of(it_stack_t *st, const char *token, const char *subject) {
+  CURL *h = curl_easy_init();
+  char *esc = curl_easy_escape(h, subject, 0);
+  char *path = qm_asprintf("/v1/requests?subject=%s&limit=200", esc);
+  curl_free(esc);
+  curl_easy_cleanup(h);
+  it_resp_t r;
+  it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
+  json_t *items = json_object_get(r.json, "items");
+  cr_assert(r.status == 200 && json_is_array(items), "GET %s: expected 200 with items, got %ld %s",
+            path, r.status, r.body);
+  json_incref(items);
+  it_resp_clear(&r);
+  free(path);
+  return items;
+}
+
+json_t *it_seed_person(const char *id) {
+  json_error_t jerr;
+  json_t *root = json_load_file(QM_SOURCE_DIR "/deploy/local/seed/people.json", 0, &jerr);
+  cr_assert(root != NULL, "deploy/local/seed/people.json: %s (line %d)", jerr.text, jerr.line);
+  json_t *found = NULL;
+  size_t i;
+  json_t *p;
+  json_array_foreach(json_object_get(root, "people"), i, p) {
+    const char *pid = json_string_value(json_object_get(p, "id"));
+    if (pid && !strcmp(pid, id)) {
+      found = json_incref(p);
+      break;
+    }
+  }
+  json_decref(root);
+  return found;
+}
+
+/* ------------------------------------------------------------ files */
+
+char *it_dir_copy_yaml(const char *src_dir, const char *tag) {
+  char *dir = qm_asprintf("/tmp/qm-it-%s-XXXXXX", tag);
+  cr_assert(mkdtemp(dir) != NULL, "mkdtemp %s: %s", dir, strerror(errno));
+  DIR *d = opendir(src_dir);
+  cr_assert(d != NULL, "opendir %s: %s", src_dir, strerror(errno));
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    size_t n = strlen(de->d_name);
+    bool yaml = (n > 5 && !strcmp(de->d_name + n - 5, ".yaml")) ||
+                (n > 4 && !strcmp(de->d_name + n - 4, ".yml"));
+    if (!yaml) continue;
+    char *src = qm_asprintf("%s/%s", src_dir, de->d_name);
+    char *text = read_file(src, NULL);
+    cr_assert(text != NULL, "reading %s: %s", src, strerror(errno));
+    it_file_write(dir, de->d_name, text);
+    free(text);
+    free(src);
+  }
+  closedir(d);
+  return dir;
+}
+
+void it_file_write(const char *dir, const char *name, const char *text) {
+  char *path = qm_asprintf("%s/%s", dir, name);
+  char *tmp = qm_asprintf("%s/.%s.tmp", dir, name);
+  FILE *f = fopen(tmp, "wb");
+  cr_assert(f != NULL, "cannot write %s: %s", tmp, strerror(errno));
+  size_t len = strlen(text);
+  bool ok = fwrite(text, 1, len, f) == len;
+  ok = fclose(f) == 0 && ok;
+  cr_assert(ok, "writing %s failed", tmp);
+  /* rename: a reader never sees half a file */
+  cr_assert(rename(tmp, path) == 0, "rename %s -> %s: %s", tmp, path, strerror(errno));
+  free(tmp);
+  free(path);
+}
+
+void it_dir_remove(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL) {
+    if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+    char *path = qm_asprintf("%s/%s", dir, de->d_name);
+    unlink(path);
+    free(path);
+  }
+  closedir(d);
+  rmdir(dir);
 }
 
 /* ------------------------------------------------------------ SCIM */
@@ -809,6 +970,10 @@ static void service_env(const it_stack_t *st, const it_svc_t *s, it_env_t *env) 
   /* The machine's PostgreSQL allows 100 connections, shared with whatever
    * else runs here (a developer's own stack takes ~60): keep pools small. */
   env_set(env, "QM_PG_POOL_SIZE", "4");
+  for (size_t i = 0; i < s->extra.n; i++) {
+    if (strchr(s->extra.v[i], '=')) env_put(env, s->extra.v[i]);
+    else env_remove(env, s->extra.v[i]);
+  }
 }
 
 /* Starts the process of s (does not wait for readiness). */
@@ -889,6 +1054,62 @@ int it_service_term(it_stack_t *st, const char *name, int timeout_ms) {
   it_note(st, "qm-%s (pid %d) after SIGTERM: status %d", name, (int)s->pid, rc);
   s->pid = 0;
   return rc;
+}
+
+void it_service_setenv(it_stack_t *st, const char *name, const char *kv) {
+  override_put(&svc_find(st, name)->extra, kv);
+}
+
+void it_service_restart(it_stack_t *st, const char *name) {
+  int rc = it_service_term(st, name, 15000);
+  if (rc != 0) {
+    char what[256];
+    snprintf(what, sizeof(what), "qm-%s did not stop cleanly for a restart (status %d)", name, rc);
+    fail_with_log(st, svc_find(st, name)->log_path, what);
+  }
+  it_service_start(st, name);
+}
+
+void it_service_signal(it_stack_t *st, const char *name, int sig) {
+  it_svc_t *s = svc_find(st, name);
+  cr_assert(it_service_running(st, name), "signal %d to %s: it is not running", sig, name);
+  cr_assert(kill(s->pid, sig) == 0, "signal %d to %s (pid %d): %s", sig, name, (int)s->pid,
+            strerror(errno));
+  it_note(st, "signal %d sent to qm-%s (pid %d)", sig, name, (int)s->pid);
+}
+
+static const it_svc_t *svc_find_const(const it_stack_t *st, const char *name) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++)
+    if (!strcmp(st->svc[i].name, name)) return &st->svc[i];
+  cr_assert_fail("unknown service '%s'", name);
+  return NULL;
+}
+
+size_t it_service_log_size(const it_stack_t *st, const char *name) {
+  struct stat sb;
+  if (stat(svc_find_const(st, name)->log_path, &sb) != 0) return 0;
+  return (size_t)sb.st_size;
+}
+
+char *it_service_log_since(const it_stack_t *st, const char *name, size_t offset) {
+  size_t len = 0;
+  char *all = read_file(svc_find_const(st, name)->log_path, &len);
+  if (!all) return qm_strdup("");
+  char *part = qm_strdup(offset < len ? all + offset : "");
+  free(all);
+  return part;
+}
+
+char *it_service_log_wait(const it_stack_t *st, const char *name, size_t offset,
+                          const char *needle, int timeout_ms) {
+  int64_t deadline = it_now_ms() + timeout_ms;
+  for (;;) {
+    char *part = it_service_log_since(st, name, offset);
+    if (strstr(part, needle)) return part;
+    free(part);
+    if (it_now_ms() >= deadline) return NULL;
+    it_sleep_ms(50);
+  }
 }
 
 int it_service_port(const it_stack_t *st, const char *name) {
@@ -977,6 +1198,11 @@ static void scim_start(it_stack_t *st) {
 }
 
 it_stack_t *it_stack_up_only(const char *run_name, const char *const *services) {
+  return it_stack_up_env(run_name, services, NULL);
+}
+
+it_stack_t *it_stack_up_env(const char *run_name, const char *const *services,
+                            const it_svc_env_t *env_overrides) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_once(&once, global_init);
   cr_assert(it_live == NULL, "it_stack_up: a stack is already up in this test");
@@ -997,6 +1223,8 @@ it_stack_t *it_stack_up_only(const char *run_name, const char *const *services) 
     snprintf(st->svc[i].log_path, sizeof(st->svc[i].log_path), "%s/it-logs/%s/%s.log",
              QM_BINARY_DIR, st->run, it_service_names[i]);
   }
+  for (size_t k = 0; env_overrides && env_overrides[k].service; k++)
+    override_put(&svc_find(st, env_overrides[k].service)->extra, env_overrides[k].kv);
   it_live = st; /* from here on it_fini() cleans up */
   mkdir_p(st->log_dir);
   it_note(st, "stack up: db %s, prefix %s, logs %s", st->db, st->prefix, st->log_dir);
@@ -1066,11 +1294,14 @@ static void stack_stop(it_stack_t *st) {
   }
   if (st->scim_pid > 0) stop_pid(st->scim_pid, 5000);
   st->scim_pid = 0;
+  if (st->hr_prod) qm_producer_destroy(st->hr_prod);
+  st->hr_prod = NULL;
   if (st->pg) PQfinish(st->pg);
   st->pg = NULL;
 }
 
 static void stack_free(it_stack_t *st) {
+  for (size_t i = 0; i < IT_N_SERVICES; i++) env_free(&st->svc[i].extra);
   json_decref(st->scim_users);
   pthread_mutex_destroy(&st->scim_lock);
   free(st);
@@ -1099,4 +1330,344 @@ void it_fini(void) {
   it_note(st, "FAILED: kept database %s (psql -h 127.0.0.1 -U postgres %s) and topics %s*; logs in %s",
           st->db, st->db, st->prefix, st->log_dir);
   stack_free(st);
+}
+
+/* ------------------------------------------------------------ HR events */
+
+void it_date(int days_from_today, char *out, size_t cap) {
+  time_t t = time(NULL) + (time_t)days_from_today * 86400;
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  strftime(out, cap, "%Y-%m-%d", &tm);
+}
+
+static char *nz(const char *s) { return (char *)(s ? s : ""); }
+
+void it_hr_publish(it_stack_t *st, const it_hr_event_t *ev) {
+  static const struct {
+    const char *name;
+    Qm__V1__HrEventKind kind;
+    const char *type;
+  } kinds[] = {
+      {"joiner", QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_JOINER, "qm.hr.joiner.v1"},
+      {"mover", QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_MOVER, "qm.hr.mover.v1"},
+      {"leaver", QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_LEAVER, "qm.hr.leaver.v1"},
+      {"updated", QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_UPDATE, "qm.hr.updated.v1"},
+      {"update", QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_UPDATE, "qm.hr.updated.v1"},
+  };
+  size_t k = 0;
+  while (k < sizeof(kinds) / sizeof(kinds[0]) && strcmp(kinds[k].name, ev->kind)) k++;
+  cr_assert(k < sizeof(kinds) / sizeof(kinds[0]), "it_hr_publish: unknown kind '%s'", ev->kind);
+  const it_hr_person_t *ip = &ev->person;
+  cr_assert(ip->id && *ip->id, "it_hr_publish: person.id is required");
+
+  Qm__V1__Person person = QM__V1__PERSON__INIT;
+  person.id = nz(ip->id);
+  person.name = nz(ip->name);
+  person.email = nz(ip->email);
+  person.manager_id = nz(ip->manager_id);
+  person.department = nz(ip->department);
+  person.job_function = nz(ip->job_function);
+  person.country = nz(ip->country);
+  person.location = nz(ip->location);
+  person.start_date = nz(ip->start_date);
+  person.end_date = nz(ip->end_date);
+  person.directory_username = nz(ip->directory_username);
+  const char *et = ip->employment_type ? ip->employment_type : "employee";
+  person.employment_type = !strcmp(et, "contractor")    ? QM__V1__EMPLOYMENT_TYPE__EMPLOYMENT_TYPE_CONTRACTOR
+                           : !strcmp(et, "third_party") ? QM__V1__EMPLOYMENT_TYPE__EMPLOYMENT_TYPE_THIRD_PARTY
+                                                        : QM__V1__EMPLOYMENT_TYPE__EMPLOYMENT_TYPE_EMPLOYEE;
+  const char *ps = ip->status ? ip->status : "active";
+  person.status = !strcmp(ps, "pre_hire")     ? QM__V1__PERSON_STATUS__PERSON_STATUS_PRE_HIRE
+                  : !strcmp(ps, "on_leave")   ? QM__V1__PERSON_STATUS__PERSON_STATUS_ON_LEAVE
+                  : !strcmp(ps, "terminated") ? QM__V1__PERSON_STATUS__PERSON_STATUS_TERMINATED
+                                              : QM__V1__PERSON_STATUS__PERSON_STATUS_ACTIVE;
+  char fresh_id[QM_UUID_STR_LEN];
+  qm_uuid_new(fresh_id);
+  Qm__V1__HrEvent he = QM__V1__HR_EVENT__INIT;
+  he.source = (char *)(ev->source ? ev->source : "hr-test");
+  he.source_event_id = (char *)(ev->source_event_id ? ev->source_event_id : fresh_id);
+  he.kind = kinds[k].kind;
+  he.effective_date = nz(ev->effective_date);
+  he.person = &person;
+  he.previous_department = nz(ev->previous_department);
+  he.previous_job_function = nz(ev->previous_job_function);
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  he.recorded_at_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+
+  size_t len = qm__v1__hr_event__get_packed_size(&he);
+  uint8_t *buf = qm_malloc(len ? len : 1);
+  qm__v1__hr_event__pack(&he, buf);
+  char *topic = it_topic(st, QM_TOPIC_HR);
+  qm_event_out_t out;
+  memset(&out, 0, sizeof(out));
+  out.topic = topic;
+  out.key = ip->id;
+  out.key_len = strlen(ip->id);
+  qm_event_meta_init(&out.meta, "hr-test", kinds[k].type, ip->id, NULL);
+  out.payload = buf;
+  out.payload_len = len;
+  char errstr[512] = "";
+  int rc;
+  if (!st->hr_prod) {
+    rc = qm_producer_new(IT_BROKERS, "it-hr", NULL, 0, NULL, NULL, &st->hr_prod, errstr,
+                         sizeof(errstr));
+    cr_assert_eq(rc, QM_OK, "it_hr_publish: qm_producer_new: %s", errstr);
+  }
+  int result = 0;
+  rc = qm_producer_send_batch(st->hr_prod, &out, 1, 15000, &result, errstr, sizeof(errstr));
+  cr_assert(rc == QM_OK && result == QM_OK, "it_hr_publish: producing %s for %s to %s: %s (%d)",
+            kinds[k].type, ip->id, topic, errstr, result);
+  it_note(st, "HR %s published for %s (effective %s, source %s/%s)", ev->kind, ip->id,
+          he.effective_date, he.source, he.source_event_id);
+  free(topic);
+  free(buf);
+}
+
+/* ------------------------------------------------------------ topic reader */
+
+struct it_reader {
+  it_stack_t *st;
+  char *topic;
+  bool requests; /* decode qm.v1.RequestEvent */
+  qm_consumer_t *cons;
+  json_t *events;
+};
+
+it_reader_t *it_reader_open(it_stack_t *st, const char *base_topic) {
+  it_reader_t *rd = qm_calloc(1, sizeof(*rd));
+  rd->st = st;
+  rd->topic = it_topic(st, base_topic);
+  rd->requests = !strcmp(base_topic, QM_TOPIC_REQUESTS);
+  rd->events = json_array();
+  char u[QM_UUID_STR_LEN];
+  qm_uuid_new(u);
+  char *group = qm_asprintf("%sit-reader-%s", st->prefix, u);
+  const char *topics[] = {rd->topic};
+  char errstr[512] = "";
+  int rc = qm_consumer_new(IT_BROKERS, group, topics, 1, NULL, 0, &rd->cons, errstr,
+                           sizeof(errstr));
+  free(group);
+  cr_assert_eq(rc, QM_OK, "it_reader_open(%s): %s", rd->topic, errstr);
+  return rd;
+}
+
+/* Copies every key of x into o and releases x. */
+static void merge_new(json_t *o, json_t *x) {
+  json_object_update(o, x);
+  json_decref(x);
+}
+
+static json_t *decode_request_event(const qm_event_in_t *ev, json_t *o) {
+  Qm__V1__RequestEvent *re = qm__v1__request_event__unpack(NULL, ev->payload_len, ev->payload);
+  if (!re) {
+    json_object_set_new(o, "event", json_string("undecodable"));
+    return o;
+  }
+  switch (re->event_case) {
+  case QM__V1__REQUEST_EVENT__EVENT_SUBMITTED: {
+    const Qm__V1__RequestSubmitted *m = re->submitted;
+    json_t *lines = json_array();
+    for (size_t i = 0; i < m->n_lines; i++)
+      json_array_append_new(lines, json_pack("{s:s, s:s, s:i}", "item_id", m->lines[i]->item_id,
+                                             "role_id", m->lines[i]->role_id, "risk",
+                                             (int)m->lines[i]->risk));
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:o}", "event", "submitted",
+                                    "request_id", m->request_id, "subject_person_id",
+                                    m->subject_person_id, "origin", m->origin, "reason", m->reason,
+                                    "lines", lines));
+    break;
+  }
+  case QM__V1__REQUEST_EVENT__EVENT_CANCELLED: {
+    const Qm__V1__RequestCancelled *m = re->cancelled;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s}", "event", "cancelled", "request_id",
+                                    m->request_id, "subject_person_id", m->subject_person_id,
+                                    "reason", m->reason));
+    break;
+  }
+  case QM__V1__REQUEST_EVENT__EVENT_REVOCATION_REQUESTED: {
+    const Qm__V1__RevocationRequested *m = re->revocation_requested;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s}", "event",
+                                    "revocation_requested", "request_id", m->request_id,
+                                    "subject_person_id", m->subject_person_id, "item_id",
+                                    m->item_id, "role_id", m->role_id, "reason", m->reason));
+    break;
+  }
+  default:
+    json_object_set_new(o, "event", json_string("not_set"));
+  }
+  qm__v1__request_event__free_unpacked(re, NULL);
+  return o;
+}
+
+size_t it_reader_poll(it_reader_t *rd, int wait_ms) {
+  size_t added = 0;
+  int wait = wait_ms;
+  for (;;) {
+    qm_kmsg_t *msgs[64];
+    size_t n = 0;
+    int rc = qm_consumer_poll_batch(rd->cons, msgs, 64, wait, &n);
+    cr_assert(rc == QM_OK, "polling %s: %s", rd->topic, qm_strerror(rc));
+    for (size_t i = 0; i < n; i++) {
+      const qm_event_in_t *ev = qm_kmsg_event(msgs[i]);
+      json_t *o = json_pack("{s:s, s:s, s:s, s:s%}", "topic", ev->topic, "ce_type",
+                            ev->meta_valid ? ev->meta.type : "", "ce_id",
+                            ev->meta_valid ? ev->meta.id : "", "key", ev->key ? ev->key : "",
+                            ev->key ? ev->key_len : (size_t)0);
+      json_object_set_new(o, "ce_subject", json_string(ev->meta_valid ? ev->meta.subject : ""));
+      if (rd->requests) decode_request_event(ev, o);
+      json_array_append_new(rd->events, o);
+      qm_kmsg_destroy(msgs[i]);
+      added++;
+    }
+    if (n < 64) break;
+    wait = 0;
+  }
+  return added;
+}
+
+const json_t *it_reader_events(const it_reader_t *rd) { return rd->events; }
+
+static bool json_matches(const json_t *ev, const json_t *pattern) {
+  const char *k;
+  json_t *v;
+  json_object_foreach((json_t *)pattern, k, v) {
+    if (!json_equal(json_object_get(ev, k), v)) return false;
+  }
+  return true;
+}
+
+int it_reader_count(const it_reader_t *rd, const json_t *pattern) {
+  int n = 0;
+  size_t i;
+  json_t *e;
+  json_array_foreach(rd->events, i, e) if (json_matches(e, pattern)) n++;
+  return n;
+}
+
+int it_reader_wait(it_reader_t *rd, const json_t *pattern, int min_count, int timeout_ms) {
+  int64_t deadline = it_now_ms() + timeout_ms;
+  for (;;) {
+    int n = it_reader_count(rd, pattern);
+    if (n >= min_count || it_now_ms() >= deadline) return n;
+    it_reader_poll(rd, 250);
+  }
+}
+
+void it_reader_close(it_reader_t *rd) {
+  if (!rd) return;
+  qm_consumer_close(rd->cons);
+  qm_consumer_destroy(rd->cons);
+  json_decref(rd->events);
+  free(rd->topic);
+  free(rd);
+}
+
+/* ------------------------------------------------------------ metrics */
+
+/* True when the label block (between braces, without them) has key="value". */
+static bool labels_have(const char *block, size_t block_len, const char *key, size_t key_len,
+                        const char *value, size_t value_len) {
+  const char *p = block, *end = block + block_len;
+  while (p < end) {
+    while (p < end && (*p == ',' || *p == ' ')) p++;
+    const char *eq = memchr(p, '=', (size_t)(end - p));
+    if (!eq || eq + 1 >= end || eq[1] != '"') return false;
+    const char *v = eq + 2, *q = v;
+    while (q < end && *q != '"') q += (*q == '\\' && q + 1 < end) ? 2 : 1;
+    if ((size_t)(eq - p) == key_len && !strncmp(p, key, key_len) &&
+        (size_t)(q - v) == value_len && !strncmp(v, value, value_len))
+      return true;
+    p = q + 1;
+  }
+  return false;
+}
+
+double it_metric(const char *exposition, const char *name, const char *labels_csv, bool *found) {
+  double sum = 0;
+  bool any = false;
+  size_t nl = strlen(name);
+  const char *line = exposition ? exposition : "";
+  while (*line) {
+    const char *eol = strchr(line, '\n');
+    size_t len = eol ? (size_t)(eol - line) : strlen(line);
+    if (len > nl && line[0] != '#' && !strncmp(line, name, nl) &&
+        (line[nl] == '{' || line[nl] == ' ')) {
+      const char *block = "", *value = line + nl;
+      size_t block_len = 0;
+      if (line[nl] == '{') {
+        block = line + nl + 1;
+        const char *close = memchr(block, '}', len - nl - 1);
+        block_len = close ? (size_t)(close - block) : 0;
+        value = close ? close + 1 : line + len;
+      }
+      bool ok = true;
+      const char *p = labels_csv ? labels_csv : "";
+      while (ok && *p) {
+        const char *comma = strchr(p, ',');
+        size_t pl = comma ? (size_t)(comma - p) : strlen(p);
+        const char *eq = memchr(p, '=', pl);
+        if (eq)
+          ok = labels_have(block, block_len, p, (size_t)(eq - p), eq + 1, pl - (size_t)(eq - p) - 1);
+        p += pl + (comma ? 1 : 0);
+      }
+      if (ok) {
+        char num[64];
+        size_t vl = (size_t)(line + len - value);
+        if (vl >= sizeof(num)) vl = sizeof(num) - 1;
+        memcpy(num, value, vl);
+        num[vl] = '\0';
+        sum += strtod(num, NULL);
+        any = true;
+      }
+    }
+    line += len + (eol ? 1 : 0);
+  }
+  if (found) *found = any;
+  return sum;
+}
+
+/* ------------------------------------------------------------ cases */
+
+void it_case_run(it_cases_t *cs, it_stack_t *st, const char *name, it_case_fn fn) {
+  if (cs->t0_ms == 0) cs->t0_ms = it_now_ms();
+  qm_strlcpy(cs->current, name, sizeof(cs->current));
+  int64_t t0 = it_now_ms();
+  it_note(st, "case %s: start", name);
+  volatile bool failed = false;
+  if (setjmp(cs->jb) == 0) fn(st, cs);
+  else failed = true;
+  double secs = (double)(it_now_ms() - t0) / 1000.0;
+  if (failed) cs->failed++;
+  else cs->passed++;
+  it_note(st, "case %s: %s (%.1fs)", name, failed ? "FAILED" : "passed", secs);
+  if (cs->summary_len < sizeof(cs->summary) - 1) {
+    int w = snprintf(cs->summary + cs->summary_len, sizeof(cs->summary) - cs->summary_len,
+                     "  %-4s %-44s %6.1fs\n", failed ? "FAIL" : "ok", name, secs);
+    if (w > 0) cs->summary_len += (size_t)w;
+    if (cs->summary_len >= sizeof(cs->summary)) cs->summary_len = sizeof(cs->summary) - 1;
+  }
+  cs->current[0] = '\0';
+}
+
+void it_case_fail(it_cases_t *cs, const char *file, int line, const char *fmt, ...) {
+  char msg[4096];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  const char *base = strrchr(file, '/');
+  fprintf(stderr, "[it case %s] FAILED at %s:%d: %s\n", cs->current, base ? base + 1 : file, line,
+          msg);
+  fflush(stderr);
+  cr_expect(false, "[case %s] %s:%d: %s", cs->current, base ? base + 1 : file, line, msg);
+  longjmp(cs->jb, 1);
+}
+
+bool it_cases_report(it_cases_t *cs, const char *title) {
+  fprintf(stderr, "[it %s] %d case(s) passed, %d failed, %.1fs in all:\n%s", title, cs->passed,
+          cs->failed, (double)(it_now_ms() - cs->t0_ms) / 1000.0, cs->summary);
+  fflush(stderr);
+  return cs->failed == 0;
 }

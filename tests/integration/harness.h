@@ -23,6 +23,15 @@
  * (and the logs) for a post-mortem. Services are also started with a parent
  * death signal, so a crashed test process leaves nothing running.
  *
+ * Criterion runs every Test in a process of its own, so a stack cannot be
+ * shared between Tests; a file that wants one stack for many checks runs
+ * them as cases of one Test (it_case_run(), IT_CHECK: a failing case is
+ * reported and the next one runs). Tests also get: per-service environment
+ * overrides, restarts and signals (it_stack_up_env(), it_service_restart(),
+ * it_service_signal()), HR events published like an HR system would
+ * (it_hr_publish()), a decoding reader of a topic in a fresh group
+ * (it_reader_*), and Prometheus samples (it_metric()).
+ *
  * Threads: it_http(), it_token() and it_scim_members() may be called from
  * several threads at once; starting and stopping processes and it_pg_*()
  * belong to the test's main thread.
@@ -31,6 +40,7 @@
 #define QM_IT_HARNESS_H
 
 #include <jansson.h>
+#include <setjmp.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -62,6 +72,19 @@ it_stack_t *it_stack_up(const char *run_name);
 /* Same, but starts only the services named in the NULL-terminated list
  * (NULL list: all five). Others can be started later with it_service_start(). */
 it_stack_t *it_stack_up_only(const char *run_name, const char *const *services);
+
+/* Per-service environment: "NAME=value" put on top of the run's environment
+ * every time that service starts ("NAME" without '=' removes the variable). */
+typedef struct it_svc_env {
+  const char *service; /* "intake", … */
+  const char *kv;
+} it_svc_env_t;
+
+/* it_stack_up_only() with per-service environment overrides (an array ended
+ * by {NULL, NULL}; may be NULL). The overrides stay for later restarts;
+ * change them with it_service_setenv(). */
+it_stack_t *it_stack_up_env(const char *run_name, const char *const *services,
+                            const it_svc_env_t *env);
 
 /* The test passed: SIGTERM every service (SIGKILL after 10 s), stop the
  * private SCIM peer, drop the database, print where the logs are, free st. */
@@ -97,6 +120,28 @@ void it_service_kill9(it_stack_t *st, const char *name);
  * was still running at the bound (it is then killed with SIGKILL). */
 int it_service_term(it_stack_t *st, const char *name, int timeout_ms);
 
+/* Sets ("NAME=value") or removes ("NAME") an environment override of the
+ * service for its next starts; a running process is not affected. */
+void it_service_setenv(it_stack_t *st, const char *name, const char *kv);
+
+/* SIGTERM the service (it must exit 0 within 15 s, else the test fails with
+ * its log tail) and start it again with its current overrides. */
+void it_service_restart(it_stack_t *st, const char *name);
+
+/* Sends sig (e.g. SIGHUP) to the service's process. Fails the test when it
+ * is not running. */
+void it_service_signal(it_stack_t *st, const char *name, int sig);
+
+/* The size in bytes of the service's log now: a mark for it_service_log_since(). */
+size_t it_service_log_size(const it_stack_t *st, const char *name);
+/* What the service logged from byte offset on. Caller frees with free(). */
+char *it_service_log_since(const it_stack_t *st, const char *name, size_t offset);
+/* Waits up to timeout_ms until the service's log from offset on contains
+ * needle. Returns that part of the log (caller frees with free()), or NULL
+ * when the bound ran out. */
+char *it_service_log_wait(const it_stack_t *st, const char *name, size_t offset,
+                          const char *needle, int timeout_ms);
+
 /* The HTTP port the service listens on (assigned at it_stack_up). */
 int it_service_port(const it_stack_t *st, const char *name);
 /* True while the service process is alive. */
@@ -124,6 +169,7 @@ typedef struct it_resp {
   char content_type[128]; /* Content-Type header ("" when absent) */
   char location[512];     /* Location header ("" when absent) */
   double seconds;         /* total time of the exchange */
+  char *headers;          /* every response header line as received, NULL when none */
 } it_resp_t;
 
 /* Sends method path to service svc ("intake"…) with "Authorization: Bearer
@@ -135,6 +181,9 @@ long it_http(it_stack_t *st, const char *svc, const char *method, const char *pa
              const char *token, const char *body, const char *const *headers, it_resp_t *out);
 /* Frees what *r holds and zeroes it. */
 void it_resp_clear(it_resp_t *r);
+/* Copies the value of response header name (case-insensitive) into out
+ * (truncated, NUL-terminated). True when the header was present. */
+bool it_resp_header(const it_resp_t *r, const char *name, char *out, size_t cap);
 
 /* A development token (HS256, IT_DEV_SECRET, one hour) for person sub with
  * the comma-separated roles. Caller frees with free(). */
@@ -151,6 +200,26 @@ char *it_request_submit(it_stack_t *st, const char *token, const char *body);
  * last body (caller frees with json_decref()). */
 json_t *it_request_wait(it_stack_t *st, const char *id, const char *token, const char *want,
                         int timeout_ms);
+
+/* GET /v1/requests?subject=<subject>&limit=200 as the token's holder: the
+ * subject's requests (newest first). Fails the test unless the answer is
+ * 200 with an items array. Caller frees with json_decref(). */
+json_t *it_requests_of(it_stack_t *st, const char *token, const char *subject);
+
+/* The person with this id in deploy/local/seed/people.json (the directory
+ * intake is seeded with), or NULL. Caller frees with json_decref(). */
+json_t *it_seed_person(const char *id);
+
+/* ---- files ---------------------------------------------------------------- */
+
+/* A new directory /tmp/qm-it-<tag>-XXXXXX holding a copy of every *.yaml
+ * and *.yml file of src_dir (e.g. the sample catalog). Caller frees the
+ * returned path with free() and removes the directory with it_dir_remove(). */
+char *it_dir_copy_yaml(const char *src_dir, const char *tag);
+/* Writes text to dir/name (replacing it). Fails the test when it cannot. */
+void it_file_write(const char *dir, const char *name, const char *text);
+/* Removes the regular files of dir, then dir (best effort). */
+void it_dir_remove(const char *dir);
 
 /* ---- SCIM peer ------------------------------------------------------------ */
 
@@ -171,6 +240,100 @@ long long it_pg_int(it_stack_t *st, const char *sql);
 /* Every row of sql as a JSON array of arrays of strings (null for NULL).
  * Fails the test when the statement fails. Caller frees with json_decref(). */
 json_t *it_pg_rows(it_stack_t *st, const char *sql);
+
+/* ---- HR lifecycle events ------------------------------------------------- */
+
+/* A person as carried in a qm.v1.HrEvent; NULL text fields are sent empty. */
+typedef struct it_hr_person {
+  const char *id, *name, *email, *manager_id, *department, *job_function, *country, *location;
+  const char *employment_type; /* "employee" (NULL too), "contractor", "third_party" */
+  const char *status;          /* "active" (NULL too), "pre_hire", "on_leave", "terminated" */
+  const char *start_date, *end_date, *directory_username;
+} it_hr_person_t;
+
+typedef struct it_hr_event {
+  const char *kind;            /* "joiner", "mover", "leaver", "updated" */
+  const char *source;          /* NULL: "hr-test" */
+  const char *source_event_id; /* NULL: a fresh UUID */
+  const char *effective_date;  /* "YYYY-MM-DD" (see it_date()) */
+  const char *previous_department, *previous_job_function;
+  it_hr_person_t person;
+} it_hr_event_t;
+
+/* Publishes ev as a qm.v1.HrEvent on <prefix>qm.hr.lifecycle.v1, key = the
+ * person id, CloudEvents type qm.hr.<kind>.v1 from source /qm/hr-test, and
+ * waits for the broker's acknowledgement (fails the test otherwise). */
+void it_hr_publish(it_stack_t *st, const it_hr_event_t *ev);
+
+/* The UTC date days_from_today days from now as "YYYY-MM-DD" (out >= 11). */
+void it_date(int days_from_today, char *out, size_t cap);
+
+/* ---- reading a topic ------------------------------------------------------- */
+
+/* A consumer of one topic of the run in a fresh group, from the earliest
+ * offset, that decodes what it reads into JSON objects:
+ *   {"ce_type", "ce_id", "ce_subject", "key", "topic"} for every event, and
+ * for qm.requests.v1 also "event": "submitted" | "cancelled" |
+ * "revocation_requested" with the message's fields: request_id,
+ * subject_person_id, reason, origin, item_id, role_id, and for submitted
+ * "lines": [{"item_id", "role_id", "risk"}]. */
+typedef struct it_reader it_reader_t;
+
+/* Opens a reader of <prefix><base_topic>. Caller frees with it_reader_close(). */
+it_reader_t *it_reader_open(it_stack_t *st, const char *base_topic);
+/* Reads what arrived, waiting up to wait_ms for the first message. Returns
+ * how many events were added. */
+size_t it_reader_poll(it_reader_t *rd, int wait_ms);
+/* Every event read so far (array, in order of arrival). Valid until the next
+ * poll or close. */
+const json_t *it_reader_events(const it_reader_t *rd);
+/* How many events read so far have every key of pattern with an equal value
+ * (pattern is a JSON object; compared with json_equal()). */
+int it_reader_count(const it_reader_t *rd, const json_t *pattern);
+/* Polls until at least min_count events match pattern or timeout_ms passed;
+ * returns the count then. */
+int it_reader_wait(it_reader_t *rd, const json_t *pattern, int min_count, int timeout_ms);
+/* Leaves the group and frees rd. NULL is accepted. */
+void it_reader_close(it_reader_t *rd);
+
+/* ---- Prometheus metrics ---------------------------------------------------- */
+
+/* The sum of every sample of metric name in a text exposition whose labels
+ * include each pair of labels_csv ("rule=unknown_item,origin=manager"; NULL
+ * or "": any labels). *found (may be NULL) says whether any sample matched. */
+double it_metric(const char *exposition, const char *name, const char *labels_csv, bool *found);
+
+/* ---- cases: several checks on one stack ------------------------------------ */
+
+/* One Criterion test that runs several independent cases on one stack
+ * (Criterion runs each Test in its own process, so a stack cannot be shared
+ * between Tests). A failing IT_CHECK marks the test failed (cr_expect), ends
+ * the case at once and the run goes on with the next case. Harness helpers
+ * still abort the whole test on infrastructure failures. */
+typedef struct it_cases {
+  jmp_buf jb;
+  char current[96];
+  int passed, failed;
+  char summary[8192];
+  size_t summary_len;
+  int64_t t0_ms;
+  void *ctx; /* the test's own state, for its cases */
+} it_cases_t;
+
+typedef void (*it_case_fn)(it_stack_t *st, it_cases_t *cs);
+
+/* Runs fn as case name and records the outcome and its duration. */
+void it_case_run(it_cases_t *cs, it_stack_t *st, const char *name, it_case_fn fn);
+/* Records a failure of the current case and ends it (longjmp). */
+void it_case_fail(it_cases_t *cs, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5), noreturn));
+/* Prints every case with PASS/FAIL and its time; true when all passed. */
+bool it_cases_report(it_cases_t *cs, const char *title);
+
+#define IT_CHECK(cs, cond, ...)                                                                \
+  do {                                                                                         \
+    if (!(cond)) it_case_fail((cs), __FILE__, __LINE__, __VA_ARGS__);                          \
+  } while (0)
 
 /* ---- small things --------------------------------------------------------- */
 
