@@ -56,6 +56,7 @@ typedef struct intake {
   /* metrics */
   qm_metric_family_t *m_requests;   /* qm_intake_requests_total{origin,outcome} */
   qm_metric_family_t *m_refusals;   /* qm_intake_refusals_total{rule} */
+  qm_metric_family_t *m_lines;      /* qm_intake_request_lines_total{kind,outcome} */
   qm_metric_family_t *m_decision;   /* qm_intake_decision_seconds */
   qm_metric_family_t *m_completion; /* qm_intake_completion_seconds */
   /* scheduled HR changes */

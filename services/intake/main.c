@@ -182,6 +182,11 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
                                       req_labels);
   in->m_refusals = qm_metrics_counter(reg, "qm_intake_refusals_total",
                                       "Refusals at submit, by the rule that refused.", rule_labels);
+  static const char *const line_labels[] = {"kind", "outcome", NULL};
+  in->m_lines = qm_metrics_counter(reg, "qm_intake_request_lines_total",
+                                   "Request lines submitted, by item kind (access, asset, licence) "
+                                   "and outcome (accepted, refused, replayed).",
+                                   line_labels);
   in->m_decision = qm_metrics_histogram(reg, "qm_intake_decision_seconds",
                                         "Time from submit to a line's approval or rejection.", NULL,
                                         decision_bounds, QM_ARRAY_LEN(decision_bounds));

@@ -742,9 +742,16 @@ static int request_json(qm_pg_t *pg, const char *id, bool timeline, json_t **out
   return QM_OK;
 }
 
-static void count_request(intake_t *in, const char *origin, const char *outcome) {
+/* Counts a request by origin and outcome, and its lines by item kind. */
+static void count_request(intake_t *in, const submit_t *s, const char *origin,
+                          const char *outcome) {
   const char *labels[] = {origin, outcome};
   qm_metrics_inc(qm_metrics_child(in->m_requests, labels));
+  for (size_t i = 0; i < s->n_lines; i++) {
+    const char *kind = s->lines[i].item ? catalog_kind_name(s->lines[i].item->kind) : "unknown";
+    const char *ll[] = {kind, outcome};
+    qm_metrics_inc(qm_metrics_child(in->m_lines, ll));
+  }
 }
 
 static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
@@ -771,18 +778,20 @@ static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   const catalog_t *cat = intake_catalog_acquire(in);
   validate_body(&s, cat, body);
   if (s.refusals.n) {
+    count_request(in, &s, "unknown", "refused");
     intake_catalog_release(in);
     free(s.lines);
-    count_request(in, "unknown", "refused");
     qm_http_resp_problem(resp, refusal_problem(in, &s.refusals));
     return;
   }
   char errstr[512] = "";
   int rc = qm_service_tx(in->svc, 10000, submit_tx, &s, errstr, sizeof(errstr));
+  bool refused = s.problem || (rc == QM_EINVAL && s.refusals.n);
+  if (refused) count_request(in, &s, s.origin[0] ? s.origin : "unknown", "refused");
+  else if (rc == QM_OK) count_request(in, &s, s.origin, s.replayed && key ? "replayed" : "accepted");
   intake_catalog_release(in);
   free(s.lines);
-  if (s.problem || (rc == QM_EINVAL && s.refusals.n)) {
-    count_request(in, s.origin[0] ? s.origin : "unknown", "refused");
+  if (refused) {
     qm_http_resp_problem(resp, s.problem ? s.problem : refusal_problem(in, &s.refusals));
     return;
   }
@@ -790,7 +799,6 @@ static void post_request(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     qm_api_db_error(req, resp, "submitting a request", errstr);
     return;
   }
-  count_request(in, s.origin, s.replayed && key ? "replayed" : "accepted");
   qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(in->svc));
   if (!pg) return;
   json_t *out = NULL;
