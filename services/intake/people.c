@@ -276,7 +276,7 @@ static int revoke_old_bundle(intake_t *in, qm_pg_t *tx, const person_t *p,
     qm_pg_result_t *res = NULL;
     rc = qm_pg_exec(tx,
                     "SELECT r.id FROM request_lines l JOIN requests r ON r.id = l.request_id"
-                    " WHERE r.subject_id = $1 AND l.item_id = $2 AND l.role_id = $3"
+                    " WHERE l.subject_id = $1 AND l.item_id = $2 AND l.role_id = $3"
                     " AND l.status IN ('approved', 'fulfilling', 'granted', 'fulfilled')"
                     " ORDER BY r.seq DESC LIMIT 1",
                     q, 3, &res, errstr, errstr_size);

@@ -418,11 +418,12 @@ int requests_create(intake_t *in, qm_pg_t *tx, request_new_t *rq, char *errstr,
                           QM_PG_TEXT(l->item->id), QM_PG_TEXT(pl->role_id),
                           QM_PG_TEXT(catalog_kind_name(l->item->kind)),
                           QM_PG_TEXT(l->role ? catalog_risk_name(l->role->risk) : ""),
-                          QM_PG_TEXT(pl->group), QM_PG_INT64(l->duration_days)};
+                          QM_PG_TEXT(pl->group), QM_PG_INT64(l->duration_days),
+                          QM_PG_TEXT(subject->id)};
     rc = qm_pg_exec(tx,
                     "INSERT INTO request_lines (request_id, line_no, item_id, role_id, kind, risk,"
-                    " grp, duration_days, status) VALUES ($1, $2::int, $3, $4, $5, $6, $7,"
-                    " $8::int, 'submitted')",
+                    " grp, duration_days, status, subject_id) VALUES ($1, $2::int, $3, $4, $5, $6,"
+                    " $7, $8::int, 'submitted', $9)",
                     lp, QM_ARRAY_LEN(lp), NULL, errstr, errstr_size);
   }
   char event_id[QM_UUID_STR_LEN] = "";
@@ -484,8 +485,8 @@ int requests_holding(qm_pg_t *tx, const char *subject, const char *item, const c
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(tx,
                       "SELECT CASE WHEN l.status IN ('granted', 'fulfilled') THEN 'held'"
-                      " ELSE 'pending' END FROM request_lines l JOIN requests r ON r.id = l.request_id"
-                      " WHERE r.subject_id = $1 AND l.item_id = $2 AND l.role_id = $3"
+                      " ELSE 'pending' END FROM request_lines l"
+                      " WHERE l.subject_id = $1 AND l.item_id = $2 AND l.role_id = $3"
                       " AND l.status IN ('submitted', 'pending_approval', 'approved', 'fulfilling',"
                       " 'granted', 'fulfilled')"
                       " ORDER BY line_rank(l.status) DESC LIMIT 1",
