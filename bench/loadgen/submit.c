@@ -10,9 +10,12 @@
  * the achieved rate simply drops below the target, and the report shows it.
  * Rate 0 means no bucket: a new request starts whenever a slot is free.
  *
- * Bodies: request i is for person p-(i mod 300 + 1) and for the
- * auto-approved role (i + i div 300) mod 6, so load spreads over people and
- * directory groups and a (person, role) pair repeats only every 1,800.
+ * Bodies: request i is for person p-(i mod P + 1) and for the auto-approved
+ * role (i mod P + i div P) mod 6, P being --people (300, the local
+ * directory), so load spreads over people and directory groups and a
+ * (person, role) pair repeats only every 6 x P requests. With --extend, a pair its person
+ * already holds names the request that granted it as extends_request_id,
+ * which intake requires (it refuses a second grant of a held role).
  *
  * Each record's start time is taken when its transfer is handed to libcurl,
  * so end-to-end latencies measured from it include any time the request
@@ -29,7 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LG_PEOPLE 300            /* p-0001 .. p-0300 exist in the local seed */
 #define LG_BODY_MAX (1024 * 1024) /* response bytes kept per request */
 #define LG_BURST_S 0.020          /* the bucket holds this many seconds of tokens */
 
@@ -38,6 +40,7 @@ static const char *const lg_roles[][2] = {
     {"slack", "user"},      {"zoom", "user"},   {"jira", "user"},
     {"confluence", "user"}, {"github", "read"}, {"figma", "viewer"},
 };
+_Static_assert(QM_ARRAY_LEN(lg_roles) == LG_ROLES, "LG_ROLES counts lg_roles");
 
 typedef struct {
   CURL *easy;
@@ -66,15 +69,19 @@ static size_t lg_write(char *data, size_t size, size_t nmemb, void *userdata) {
 /* Starts request idx on slot s. */
 static int lg_launch(CURLM *multi, const lg_submit_conf_t *conf, lg_slot_t *s, size_t idx,
                      lg_req_t *r) {
-  char body[256], hdr[2048], key[QM_UUID_STR_LEN];
+  char body[320], ext[80] = "", hdr[2048], key[QM_UUID_STR_LEN];
   /* Consecutive requests go to different people and different roles (so
    * different directory groups, as real traffic does); person p gets every
-   * role once per 6 x 300 requests before any pair repeats. */
-  size_t role = (idx + idx / LG_PEOPLE) % QM_ARRAY_LEN(lg_roles);
+   * role once per 6 x people requests before any pair repeats. */
+  size_t person = idx % conf->people;
+  size_t role = (person + idx / conf->people) % QM_ARRAY_LEN(lg_roles);
+  const char *held = lg_held_find(conf->held, person, lg_roles[role][0], lg_roles[role][1]);
+  if (held) snprintf(ext, sizeof(ext), "\"extends_request_id\":\"%s\",", held);
   snprintf(body, sizeof(body),
-           "{\"subject_person_id\":\"p-%04zu\",\"reason\":\"benchmark\","
+           "{\"subject_person_id\":\"p-%04zu\",\"reason\":\"benchmark\",%s"
            "\"lines\":[{\"item_id\":\"%s\",\"role_id\":\"%s\"}]}",
-           idx % LG_PEOPLE + 1, lg_roles[role][0], lg_roles[role][1]);
+           person + 1, ext, lg_roles[role][0], lg_roles[role][1]);
+  r->extends = held != NULL;
   curl_slist_free_all(s->headers);
   s->headers = NULL;
   snprintf(hdr, sizeof(hdr), "Authorization: Bearer %s", conf->token);
@@ -93,6 +100,7 @@ static int lg_launch(CURLM *multi, const lg_submit_conf_t *conf, lg_slot_t *s, s
   s->errbuf[0] = '\0';
   s->idx = idx;
   r->start_us = qm_mono_us();
+  r->start_ms = qm_now_ms();
   if (curl_multi_add_handle(multi, s->easy) != CURLM_OK) {
     r->start_us = 0;
     return QM_EIO;

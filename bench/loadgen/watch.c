@@ -7,17 +7,29 @@
  * be seen before its 201 has been read, so both sides meet in the table and
  * whichever comes second counts the request as settled.
  *
- * Readiness. The consumer starts at the end of the topic
- * (auto.offset.reset=latest, in a fresh group), so a grant published before
+ * The same consumer reads "<prefix>qm.decisions.v1" and records when the
+ * first RequestApproved (or RequestRejected) for each request arrived, so
+ * the report can time our own event spine (intake → approval) apart from
+ * provisioning and its SCIM peer. An approval does not settle a request (the
+ * grant is still awaited); a rejection does, since no grant will follow.
+ * It also reads "<prefix>qm.requests.v1", only for the Kafka timestamp of
+ * each RequestSubmitted (its CloudEvents type; the subject is the request
+ * id), and keeps the event time and Kafka timestamp of the first approval
+ * and grant, so the report can split the path into legs: intake and its
+ * outbox, approval, approval's outbox, provisioning, and so on.
+ *
+ * Readiness. The consumer starts at the end of the topics
+ * (auto.offset.reset=latest, in a fresh group), so an event published before
  * its partitions are assigned and positioned would be missed. qm_kafka does
  * not expose the assignment, so the watcher proves it instead: it subscribes
  * to a private topic "<prefix>qm.bench.ready.v1" as well, and publishes a
  * marker there (subject: this run's id) every 500 ms until one comes back.
- * A marker can only come back once the group has joined and both topics'
+ * A marker can only come back once the group has joined and all the topics'
  * partitions, which the eager assignor hands out in one assignment, are being
- * fetched; a short settle time then covers the access partitions' own offset
- * look-ups, which were issued at the same moment. The private topic keeps the
- * markers away from the services (they never subscribe to it).
+ * fetched; a short settle time then covers the other topics' partitions'
+ * own offset look-ups, which were issued at the same moment. The
+ * private topic keeps the markers away from the services (they never
+ * subscribe to it).
  *
  * Nothing is committed: offsets are never stored, so the group leaves no
  * trace but its (empty) registration.
@@ -29,6 +41,7 @@
 #include "qm_log.h"
 #include "qm_topics.h"
 #include "qm/v1/access.pb-c.h"
+#include "qm/v1/decisions.pb-c.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -52,6 +65,8 @@ struct lg_watch {
   pthread_t thread;
   bool thread_started;
   char access_topic[256];
+  char decisions_topic[256];
+  char requests_topic[256];
   char ready_topic[256];
   char run_id[QM_UUID_STR_LEN];
 
@@ -107,11 +122,21 @@ static lg_entry_t *lg_entry(lg_watch_t *w, const char *id) {
 }
 
 static bool lg_settled(const lg_entry_t *e) {
-  return e->outcome.granted_us != 0 || e->outcome.failed_us != 0;
+  return e->outcome.granted_us != 0 || e->outcome.failed_us != 0 || e->outcome.rejected_us != 0;
 }
 
-/* Records one event of the access topic, received at now_us. mu held. */
-static void lg_record(lg_watch_t *w, const qm_event_in_t *ev, int64_t now_us) {
+/* Counts e as settled when an event just settled it. mu held. */
+static void lg_note_settled(lg_watch_t *w, const lg_entry_t *e, bool was) {
+  if (e->expected && !was && lg_settled(e)) {
+    w->settled++;
+    pthread_cond_broadcast(&w->cv);
+  }
+}
+
+/* Records one event of the access topic, received at now_us (monotonic)
+ * and now_ms (wall clock). mu held. */
+static void lg_record_access(lg_watch_t *w, const qm_event_in_t *ev, int64_t now_us,
+                             int64_t now_ms) {
   w->stats.events++;
   Qm__V1__AccessEvent *ae =
       qm__v1__access_event__unpack(NULL, ev->payload_len, (const uint8_t *)ev->payload);
@@ -133,17 +158,68 @@ static void lg_record(lg_watch_t *w, const qm_event_in_t *ev, int64_t now_us) {
     lg_entry_t *e = lg_entry(w, rid);
     bool was = lg_settled(e);
     if (grant) {
-      if (!e->outcome.granted_us) e->outcome.granted_us = now_us;
+      if (!e->outcome.granted_us) {
+        e->outcome.granted_us = now_us;
+        e->outcome.granted_ce_ms = ev->meta.time_ms;
+        e->outcome.granted_kafka_ms = ev->timestamp_ms;
+        e->outcome.granted_recv_ms = now_ms;
+      }
       e->outcome.n_grants++;
     } else if (!e->outcome.failed_us) {
       e->outcome.failed_us = now_us;
     }
-    if (e->expected && !was) {
-      w->settled++;
-      pthread_cond_broadcast(&w->cv);
-    }
+    lg_note_settled(w, e, was);
   }
   qm__v1__access_event__free_unpacked(ae, NULL);
+}
+
+/* Records one event of the decisions topic, received at now_us and now_ms:
+ * the first RequestApproved and the first RequestRejected per request id;
+ * approval's step events are counted and otherwise ignored. mu held. */
+static void lg_record_decision(lg_watch_t *w, const qm_event_in_t *ev, int64_t now_us,
+                               int64_t now_ms) {
+  w->stats.decision_events++;
+  Qm__V1__DecisionEvent *de =
+      qm__v1__decision_event__unpack(NULL, ev->payload_len, (const uint8_t *)ev->payload);
+  if (!de) {
+    w->stats.decision_undecodable++;
+    return;
+  }
+  const char *rid = NULL;
+  bool approved = false;
+  if (de->event_case == QM__V1__DECISION_EVENT__EVENT_APPROVED && de->approved) {
+    rid = de->approved->request_id;
+    approved = true;
+    w->stats.approved++;
+  } else if (de->event_case == QM__V1__DECISION_EVENT__EVENT_REJECTED && de->rejected) {
+    rid = de->rejected->request_id;
+  }
+  if (rid && !*rid) rid = ev->meta.subject; /* the CloudEvents subject is the request id */
+  if (rid && *rid) {
+    lg_entry_t *e = lg_entry(w, rid);
+    bool was = lg_settled(e);
+    if (approved) {
+      if (!e->outcome.approved_us) {
+        e->outcome.approved_us = now_us;
+        e->outcome.approved_ce_ms = ev->meta.time_ms;
+        e->outcome.approved_kafka_ms = ev->timestamp_ms;
+        e->outcome.approved_recv_ms = now_ms;
+      }
+    } else if (!e->outcome.rejected_us) {
+      e->outcome.rejected_us = now_us;
+    }
+    lg_note_settled(w, e, was);
+  }
+  qm__v1__decision_event__free_unpacked(de, NULL);
+}
+
+/* Records one event of the requests topic: the Kafka timestamp of the first
+ * RequestSubmitted per request id. mu held. */
+static void lg_record_request(lg_watch_t *w, const qm_event_in_t *ev) {
+  w->stats.request_events++;
+  if (strcmp(ev->meta.type, "qm.request.submitted.v1") != 0 || !ev->meta.subject[0]) return;
+  lg_entry_t *e = lg_entry(w, ev->meta.subject);
+  if (!e->outcome.submitted_kafka_ms) e->outcome.submitted_kafka_ms = ev->timestamp_ms;
 }
 
 /* The consumer thread: polls until told to stop or the consumer fails. */
@@ -157,12 +233,16 @@ static void *lg_watch_main(void *arg) {
     if (stop) break;
     size_t n = 0;
     int rc = qm_consumer_poll_batch(w->consumer, msgs, LG_POLL_BATCH, LG_POLL_WAIT_MS, &n);
-    int64_t now_us = qm_mono_us();
+    int64_t now_us = qm_mono_us(), now_ms = qm_now_ms();
     pthread_mutex_lock(&w->mu);
     for (size_t i = 0; i < n; i++) {
       const qm_event_in_t *ev = qm_kmsg_event(msgs[i]);
       if (strcmp(ev->topic, w->access_topic) == 0) {
-        lg_record(w, ev, now_us);
+        lg_record_access(w, ev, now_us, now_ms);
+      } else if (strcmp(ev->topic, w->decisions_topic) == 0) {
+        lg_record_decision(w, ev, now_us, now_ms);
+      } else if (strcmp(ev->topic, w->requests_topic) == 0) {
+        lg_record_request(w, ev);
       } else if (strcmp(ev->topic, w->ready_topic) == 0 &&
                  strcmp(ev->meta.subject, w->run_id) == 0 && !w->ready) {
         w->ready = true;
@@ -251,6 +331,8 @@ int lg_watch_start(const char *brokers, const char *prefix, int ready_timeout_ms
     goto out;
   }
   snprintf(w->access_topic, sizeof(w->access_topic), "%s%s", prefix, QM_TOPIC_ACCESS);
+  snprintf(w->decisions_topic, sizeof(w->decisions_topic), "%s%s", prefix, QM_TOPIC_DECISIONS);
+  snprintf(w->requests_topic, sizeof(w->requests_topic), "%s%s", prefix, QM_TOPIC_REQUESTS);
   snprintf(w->ready_topic, sizeof(w->ready_topic), "%s%s", prefix, LG_READY_TOPIC);
 
   const char *ready_topic = w->ready_topic;
@@ -258,7 +340,8 @@ int lg_watch_start(const char *brokers, const char *prefix, int ready_timeout_ms
   if (rc) goto out;
 
   snprintf(group, sizeof(group), "qm-loadgen-%s", w->run_id);
-  const char *topics[] = {w->access_topic, w->ready_topic};
+  const char *topics[] = {w->access_topic, w->decisions_topic, w->requests_topic,
+                          w->ready_topic};
   const char *props[] = {"auto.offset.reset=latest", "fetch.wait.max.ms=10"};
   rc = qm_consumer_new(brokers, group, topics, QM_ARRAY_LEN(topics), props, QM_ARRAY_LEN(props),
                        &w->consumer, errstr, errstr_size);
