@@ -57,13 +57,16 @@ int people_get(qm_pg_t *pg, const char *id, person_t *out, char *errstr, size_t 
   return QM_OK;
 }
 
-/* Upserts one person unless the stored record reflects a later effective date. */
+/* Upserts one person unless the stored record reflects a later effective
+ * date; *applied (may be NULL) says whether it was written (0: a later-dated
+ * record stands, the change is late). */
 static int people_upsert(qm_pg_t *tx, const char *const v[13], const char *effective_date,
-                         char *errstr, size_t errstr_size) {
+                         int64_t *applied, char *errstr, size_t errstr_size) {
   qm_pg_param_t p[14];
   for (int i = 0; i < 13; i++) p[i] = QM_PG_TEXT(v[i] ? v[i] : "");
   p[13] = QM_PG_TEXT(effective_date);
-  return qm_pg_exec(
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(
       tx,
       "INSERT INTO people (id, name, email, manager_id, department, job_function, country,"
       " location, employment_type, status, directory_username, start_date, end_date,"
@@ -76,7 +79,10 @@ static int people_upsert(qm_pg_t *tx, const char *const v[13], const char *effec
       " start_date = EXCLUDED.start_date, end_date = EXCLUDED.end_date,"
       " effective_date = EXCLUDED.effective_date, updated_at = now()"
       " WHERE people.effective_date <= EXCLUDED.effective_date",
-      p, 14, NULL, errstr, errstr_size);
+      p, 14, &res, errstr, errstr_size);
+  if (rc == QM_OK && applied) *applied = qm_pg_affected(res);
+  qm_pg_result_destroy(res);
+  return rc;
 }
 
 typedef struct seed_ctx {
@@ -99,7 +105,7 @@ static int seed_tx(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size
     if (!v[8]) v[8] = "employee";
     if (!v[9]) v[9] = "active";
     if (!v[10]) v[10] = id;
-    int rc = people_upsert(tx, v, "0000-00-00", errstr, errstr_size);
+    int rc = people_upsert(tx, v, "0000-00-00", NULL, errstr, errstr_size);
     if (rc != QM_OK) return rc;
   }
   return QM_OK;
@@ -371,27 +377,9 @@ static int apply_hr(intake_t *in, qm_pg_t *tx, const Qm__V1__HrEvent *he, const 
                        status_name(hp->status, he->kind),
                        hp->directory_username[0] ? hp->directory_username : hp->id,
                        hp->start_date, hp->end_date};
-  qm_pg_param_t p[14];
-  for (int i = 0; i < 13; i++) p[i] = QM_PG_TEXT(v[i] ? v[i] : "");
-  p[13] = QM_PG_TEXT(he->effective_date);
-  qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(
-      tx,
-      "INSERT INTO people (id, name, email, manager_id, department, job_function, country,"
-      " location, employment_type, status, directory_username, start_date, end_date,"
-      " effective_date) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-      " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, email = EXCLUDED.email,"
-      " manager_id = EXCLUDED.manager_id, department = EXCLUDED.department,"
-      " job_function = EXCLUDED.job_function, country = EXCLUDED.country,"
-      " location = EXCLUDED.location, employment_type = EXCLUDED.employment_type,"
-      " status = EXCLUDED.status, directory_username = EXCLUDED.directory_username,"
-      " start_date = EXCLUDED.start_date, end_date = EXCLUDED.end_date,"
-      " effective_date = EXCLUDED.effective_date, updated_at = now()"
-      " WHERE people.effective_date <= EXCLUDED.effective_date",
-      p, 14, &res, errstr, errstr_size);
+  int64_t applied = 0;
+  int rc = people_upsert(tx, v, he->effective_date, &applied, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  int64_t applied = qm_pg_affected(res);
-  qm_pg_result_destroy(res);
   if (applied == 0) {
     qm_log_info("HR %s for %s effective %s is older than the record (effective %s): ignored",
                 kind_name(he->kind), hp->id, he->effective_date, existed ? before.effective_date : "?");
