@@ -399,4 +399,5 @@ Test(intake_catalog, catalog_api_and_reload, .fini = it_fini, .timeout = 600) {
     it_dir_remove(dir);
   }
   free(dir);
+  cr_assert(all, "intake_catalog: some cases failed (see the case report above)");
 }
