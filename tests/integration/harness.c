@@ -1671,3 +1671,29 @@ bool it_cases_report(it_cases_t *cs, const char *title) {
   fflush(stderr);
   return cs->failed == 0;
 }
+
+json_t *it_case_wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
+                            const char *want, int timeout_ms) {
+  /* A different final status will not change: fail at once. */
+  static const char *const final[] = {"granted", "completed", "rejected", "failed",
+                                      "cancelled", "ended", NULL};
+  char path[256];
+  snprintf(path, sizeof(path), "/v1/requests/%s", id);
+  int64_t deadline = it_now_ms() + timeout_ms;
+  it_resp_t r = {0};
+  for (;;) {
+    it_resp_clear(&r);
+    it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
+    const char *s = json_string_value(json_object_get(r.json, "status"));
+    if (r.status == 200 && s && !strcmp(s, want)) break;
+    for (size_t i = 0; s && final[i]; i++)
+      IT_CHECK(cs, strcmp(s, final[i]) != 0, "request %s ended '%s', expected '%s': %s", id, s,
+               want, r.body);
+    IT_CHECK(cs, it_now_ms() < deadline, "request %s did not reach '%s' in %d ms; last %ld %s",
+             id, want, timeout_ms, r.status, r.body);
+    it_sleep_ms(50);
+  }
+  json_t *j = json_incref(r.json);
+  it_resp_clear(&r);
+  return j;
+}

@@ -335,6 +335,12 @@ bool it_cases_report(it_cases_t *cs, const char *title);
     if (!(cond)) it_case_fail((cs), __FILE__, __LINE__, __VA_ARGS__);                          \
   } while (0)
 
+/* Polls intake's GET /v1/requests/{id} until its status is want, and ends
+ * the case (it_case_fail) when it reaches another final status or the bound
+ * runs out. Returns the last answer; caller frees with json_decref(). */
+json_t *it_case_wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
+                            const char *want, int timeout_ms);
+
 /* ---- small things --------------------------------------------------------- */
 
 /* Milliseconds on the monotonic clock. */

@@ -118,33 +118,6 @@ static void expect_listing(it_cases_t *cs, const json_t *items, const char *who,
   free(ids);
 }
 
-/* Polls GET /v1/requests/{id} until status want; a different final status
- * ends the case at once. Caller frees with json_decref(). */
-static json_t *wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
-                           const char *want, int timeout_ms) {
-  static const char *const final[] = {"granted", "completed", "rejected", "failed", "cancelled",
-                                      "ended", NULL};
-  char path[256];
-  snprintf(path, sizeof(path), "/v1/requests/%s", id);
-  int64_t deadline = it_now_ms() + timeout_ms;
-  it_resp_t r = {0};
-  for (;;) {
-    it_resp_clear(&r);
-    it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
-    const char *s = json_string_value(json_object_get(r.json, "status"));
-    if (r.status == 200 && s && !strcmp(s, want)) break;
-    for (size_t i = 0; s && final[i]; i++)
-      IT_CHECK(cs, strcmp(s, final[i]) != 0, "request %s ended '%s', expected '%s': %s", id, s,
-               want, r.body);
-    IT_CHECK(cs, it_now_ms() < deadline, "request %s did not reach '%s' in %d ms; last %ld %s",
-             id, want, timeout_ms, r.status, r.body);
-    it_sleep_ms(50);
-  }
-  json_t *j = json_incref(r.json);
-  it_resp_clear(&r);
-  return j;
-}
-
 /* The form entry named name of an item answer (NULL when none). */
 static json_t *form_field(const json_t *item, const char *name) {
   size_t i;
@@ -264,7 +237,7 @@ static void c_seats(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, r.status == 201 && id, "p-0013 asking for adobe-cc: %ld %s", r.status, r.body);
   char *rid = qm_strdup(id);
   it_resp_clear(&r);
-  json_decref(wait_status(cs, st, eng, rid, "granted", 30000));
+  json_decref(it_case_wait_status(cs, st, eng, rid, "granted", 30000));
   char *sales = it_token("p-0014", "employee");
   items = catalog_items(cs, st, sales, "kind=licence&");
   adobe = json_object_get(items, "adobe-cc");

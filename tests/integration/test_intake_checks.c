@@ -176,34 +176,6 @@ static char *accepted_id(it_cases_t *cs, it_stack_t *st, const char *token, cons
   return id;
 }
 
-/* Polls GET /v1/requests/{id} until status want; ends the case when the
- * bound runs out. Caller frees with json_decref(). */
-static json_t *wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
-                           const char *want, int timeout_ms) {
-  char path[256];
-  snprintf(path, sizeof(path), "/v1/requests/%s", id);
-  int64_t deadline = it_now_ms() + timeout_ms;
-  it_resp_t r = {0};
-  for (;;) {
-    it_resp_clear(&r);
-    it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
-    const char *s = json_string_value(json_object_get(r.json, "status"));
-    if (r.status == 200 && s && !strcmp(s, want)) break;
-    /* A different final status will not change: fail at once. */
-    static const char *const final[] = {"granted", "completed", "rejected", "failed",
-                                        "cancelled", "ended", NULL};
-    for (size_t i = 0; s && final[i]; i++)
-      IT_CHECK(cs, strcmp(s, final[i]) != 0, "request %s ended '%s', expected '%s': %s", id, s,
-               want, r.body);
-    IT_CHECK(cs, it_now_ms() < deadline, "request %s did not reach '%s' in %d ms; last %ld %s",
-             id, want, timeout_ms, r.status, r.body);
-    it_sleep_ms(50);
-  }
-  json_t *j = json_incref(r.json);
-  it_resp_clear(&r);
-  return j;
-}
-
 static bool has_flag(const json_t *req, const char *flag) {
   size_t i;
   json_t *f;
@@ -388,7 +360,7 @@ static void c_already_held(it_stack_t *st, it_cases_t *cs) {
   char *t = it_token("p-0107", "employee");
   const char *viewer = "{\"lines\":[{\"item_id\":\"figma\",\"role_id\":\"viewer\"}]}";
   char *id = accepted_id(cs, st, t, viewer);
-  json_decref(wait_status(cs, st, t, id, "granted", 30000));
+  json_decref(it_case_wait_status(cs, st, t, id, "granted", 30000));
   refused(cs, st, t, viewer, 409, "lines[0]", "already_held");
   /* Another role of the same item is not held. */
   json_decref(accepted(cs, st, t, "{\"reason\":\"design work\",\"lines\":[{\"item_id\":\"figma\","
@@ -402,7 +374,7 @@ static void c_already_pending(it_stack_t *st, it_cases_t *cs) {
   const char *write = "{\"reason\":\"code reviews\",\"lines\":[{\"item_id\":\"github\","
                       "\"role_id\":\"write\"}]}";
   char *id = accepted_id(cs, st, t, write);
-  json_decref(wait_status(cs, st, t, id, "pending_approval", 15000));
+  json_decref(it_case_wait_status(cs, st, t, id, "pending_approval", 15000));
   refused(cs, st, t, write, 409, "lines[0]", "already_pending");
   refused(cs, st, t, "{\"reason\":\"code reviews\",\"lines\":[{\"item_id\":\"zoom\",\"role_id\":"
                      "\"user\"},{\"item_id\":\"github\",\"role_id\":\"write\"}]}", 409,
@@ -421,7 +393,7 @@ static void c_no_seat(it_stack_t *st, it_cases_t *cs) {
     tokens[i] = it_token(holders[i], "employee");
     ids[i] = accepted_id(cs, st, tokens[i], body);
   }
-  for (int i = 0; i < 3; i++) json_decref(wait_status(cs, st, tokens[i], ids[i], "granted", 30000));
+  for (int i = 0; i < 3; i++) json_decref(it_case_wait_status(cs, st, tokens[i], ids[i], "granted", 30000));
   char *fourth = it_token("p-0124", "employee");
   refused(cs, st, fourth, body, 409, "lines[0].item_id", "no_seat");
   for (int i = 0; i < 3; i++) {
@@ -516,7 +488,7 @@ static void c_screening_flag(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, has_flag(ok, "screening_match"), "flag mode: 201 body lacks flags "
            "[\"screening_match\"]: %s", text);
   const char *id = json_string_value(json_object_get(ok, "id"));
-  json_t *again = wait_status(cs, st, listed, id, json_string_value(json_object_get(ok, "status")),
+  json_t *again = it_case_wait_status(cs, st, listed, id, json_string_value(json_object_get(ok, "status")),
                               5000);
   char *again_text = it_json_text(again);
   IT_CHECK(cs, has_flag(again, "screening_match"), "flag mode: GET lacks the flag: %s", again_text);
@@ -734,7 +706,7 @@ static void c_metrics(it_stack_t *st, it_cases_t *cs) {
   refused(cs, st, t, "{\"reason\":\"finance work\",\"lines\":[{\"item_id\":\"netsuite\","
                      "\"role_id\":\"user\"}]}", 422, "lines[0].item_id", "not_eligible");
   char *id = accepted_id(cs, st, t, "{\"lines\":[{\"item_id\":\"zoom\",\"role_id\":\"user\"}]}");
-  json_decref(wait_status(cs, st, t, id, "granted", 30000));
+  json_decref(it_case_wait_status(cs, st, t, id, "granted", 30000));
   char *after = metrics_text(cs, st);
   static const struct {
     const char *name, *labels;

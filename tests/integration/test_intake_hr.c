@@ -122,33 +122,6 @@ static json_t *wait_request_with_origin(it_cases_t *cs, it_stack_t *st, const ch
   }
 }
 
-/* Polls GET /v1/requests/{id} until its status is want. Caller frees. */
-static json_t *wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
-                           const char *want, int timeout_ms) {
-  char path[256];
-  snprintf(path, sizeof(path), "/v1/requests/%s", id);
-  int64_t deadline = it_now_ms() + timeout_ms;
-  it_resp_t r = {0};
-  for (;;) {
-    it_resp_clear(&r);
-    it_http(st, "intake", "GET", path, token, NULL, NULL, &r);
-    const char *s = json_string_value(json_object_get(r.json, "status"));
-    if (r.status == 200 && s && !strcmp(s, want)) break;
-    /* A different final status will not change: fail at once. */
-    static const char *const final[] = {"granted", "completed", "rejected", "failed",
-                                        "cancelled", "ended", NULL};
-    for (size_t i = 0; s && final[i]; i++)
-      IT_CHECK(cs, strcmp(s, final[i]) != 0, "request %s ended '%s', expected '%s': %s", id, s,
-               want, r.body);
-    IT_CHECK(cs, it_now_ms() < deadline, "request %s did not reach '%s' in %d ms; last %ld %s",
-             id, want, timeout_ms, r.status, r.body);
-    it_sleep_ms(50);
-  }
-  json_t *j = json_incref(r.json);
-  it_resp_clear(&r);
-  return j;
-}
-
 /* "item/role" of each line, sorted and comma-joined, e.g. "github/read,slack/user". */
 static char *line_set(const json_t *req) {
   char *v[32];
@@ -206,7 +179,7 @@ static char *expect_birthright(it_cases_t *cs, it_stack_t *st, const char *token
 
 /* The request gets granted, every line of it. */
 static void expect_granted(it_cases_t *cs, it_stack_t *st, const char *token, const char *id) {
-  json_t *done = wait_status(cs, st, token, id, "granted", 30000);
+  json_t *done = it_case_wait_status(cs, st, token, id, "granted", 30000);
   char *done_text = it_json_text(done);
   IT_CHECK(cs, all_lines(done, "granted"), "request %s granted but not every line: %s", id,
            done_text);
@@ -314,7 +287,7 @@ static void c_joiner_today(it_stack_t *st, it_cases_t *cs) {
   char *rv_text = it_json_text(rv);
   IT_CHECK(cs, !strcmp(rv_set, "aws/readonly"), "birthright_review request has lines %s: %s",
            rv_set, rv_text);
-  json_t *rv_now = wait_status(cs, st, cx->helpdesk, json_string_value(json_object_get(rv, "id")),
+  json_t *rv_now = it_case_wait_status(cs, st, cx->helpdesk, json_string_value(json_object_get(rv, "id")),
                                "pending_approval", 15000);
   json_decref(rv_now);
   /* Exactly those two requests. */
@@ -497,7 +470,7 @@ static void c_mover(it_stack_t *st, it_cases_t *cs) {
   char *text = it_json_text(fresh);
   IT_CHECK(cs, !strcmp(set, "zoom/user"), "mover's birthright request has lines %s, expected "
            "zoom/user: %s", set, text);
-  json_decref(wait_status(cs, st, cx->helpdesk, json_string_value(json_object_get(fresh, "id")),
+  json_decref(it_case_wait_status(cs, st, cx->helpdesk, json_string_value(json_object_get(fresh, "id")),
                           "granted", 30000));
   /* slack/user is in both bundles: neither revoked nor requested again. */
   it_reader_poll(cx->requests, 500);
@@ -531,7 +504,7 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
            sub.body);
   char *id = qm_strdup(sub_id);
   it_resp_clear(&sub);
-  json_decref(wait_status(cs, st, self, id, "pending_approval", 15000));
+  json_decref(it_case_wait_status(cs, st, self, id, "pending_approval", 15000));
   it_hr_person_t p = {.id = "p-0019", .name = "Person 0019", .email = "p-0019@example.com",
                       .manager_id = "p-0002", .department = "Engineering",
                       .job_function = "Software Engineer", .country = "GB", .location = "GB-HQ",
@@ -542,7 +515,7 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   it_hr_publish(st, &ev);
   json_t *rec = wait_person(cs, st, cx->helpdesk, "p-0019", "status", "terminated", 30000);
   json_decref(rec);
-  json_t *req = wait_status(cs, st, cx->helpdesk, id, "cancelled", 30000);
+  json_t *req = it_case_wait_status(cs, st, cx->helpdesk, id, "cancelled", 30000);
   char *text = it_json_text(req);
   IT_CHECK(cs, all_lines(req, "cancelled"), "leaver's pending request: not every line cancelled: %s",
            text);
