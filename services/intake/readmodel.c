@@ -92,6 +92,15 @@ static const char *actor_name(const Qm__V1__Actor *a) {
   return a->service && a->service[0] ? a->service : "";
 }
 
+/* The common end of every handler: the event's timeline entry, then the
+ * request's status from its lines. */
+static int record(qm_pg_t *tx, const qm_event_in_t *ev, const char *rid, int line_no,
+                  const char *actor, const char *summary, char *errstr, size_t errstr_size) {
+  int rc = readmodel_timeline(tx, rid, line_no, ev->meta.time_ms, ev->meta.type, ev->meta.id,
+                              actor, summary, errstr, errstr_size);
+  return rc == QM_OK ? readmodel_recompute(tx, rid, errstr, errstr_size) : rc;
+}
+
 static int on_decision(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr, size_t errstr_size) {
   Qm__V1__DecisionEvent *de = qm__v1__decision_event__unpack(NULL, ev->payload_len, ev->payload);
   if (!de)
@@ -151,9 +160,7 @@ static int on_decision(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char 
     break;
   }
   if (rc == QM_OK && rid && rid[0])
-    rc = readmodel_timeline(tx, rid, line_no, ev->meta.time_ms, ev->meta.type, ev->meta.id, actor,
-                            summary, errstr, errstr_size);
-  if (rc == QM_OK && rid && rid[0]) rc = readmodel_recompute(tx, rid, errstr, errstr_size);
+    rc = record(tx, ev, rid, line_no, actor, summary, errstr, errstr_size);
   qm__v1__decision_event__free_unpacked(de, NULL);
   return rc;
 }
@@ -213,9 +220,7 @@ static int on_access(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, char *e
     break;
   }
   if (rc == QM_OK && rid && rid[0])
-    rc = readmodel_timeline(tx, rid, line_no, ev->meta.time_ms, ev->meta.type, ev->meta.id, actor,
-                            summary, errstr, errstr_size);
-  if (rc == QM_OK && rid && rid[0]) rc = readmodel_recompute(tx, rid, errstr, errstr_size);
+    rc = record(tx, ev, rid, line_no, actor, summary, errstr, errstr_size);
   qm__v1__access_event__free_unpacked(ae, NULL);
   return rc;
 }
@@ -251,9 +256,8 @@ static int on_fulfillment(intake_t *in, qm_pg_t *tx, const qm_event_in_t *ev, ch
                                                                                            : "fulfilling";
     rc = set_line(in, tx, u->request_id, u->line_no, status, NULL, 0, errstr, errstr_size);
     if (rc == QM_OK)
-      rc = readmodel_timeline(tx, u->request_id, u->line_no, ev->meta.time_ms, ev->meta.type,
-                              ev->meta.id, u->actor_person_id, summary, errstr, errstr_size);
-    if (rc == QM_OK) rc = readmodel_recompute(tx, u->request_id, errstr, errstr_size);
+      rc = record(tx, ev, u->request_id, u->line_no, u->actor_person_id, summary, errstr,
+                  errstr_size);
   }
   qm__v1__fulfillment_event__free_unpacked(fe, NULL);
   return rc;
