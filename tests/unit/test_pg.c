@@ -7,6 +7,7 @@
  */
 #include "qm_common.h"
 #include "qm_pg.h"
+#include "pg_fixture.h"
 
 #include <criterion/criterion.h>
 #include <pthread.h>
@@ -14,8 +15,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#define ADMIN_DSN "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
-#define UNIT_DSN "host=127.0.0.1 port=5432 user=postgres dbname=qm_unit connect_timeout=5"
 
 static char schema[64];
 static char extra_schema[80]; /* for migrations into a schema that does not exist yet */
@@ -26,22 +25,7 @@ static qm_pg_t *admin; /* on qm_unit, search path = schema */
 static qm_pg_t *opened[8];
 static size_t n_opened;
 
-static void ensure_database(void) {
-  qm_pg_t *c = qm_pg_connect(ADMIN_DSN, NULL, errstr, sizeof(errstr));
-  cr_assert_not_null(c, "PostgreSQL at 127.0.0.1:5432 is not reachable (%s): start it", errstr);
-  qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(c, "SELECT 1 FROM pg_database WHERE datname = 'qm_unit'", NULL, 0, &res,
-                      errstr, sizeof(errstr));
-  cr_assert_eq(rc, QM_OK, "%s", errstr);
-  if (qm_pg_ntuples(res) == 0) {
-    rc = qm_pg_exec_simple(c, "CREATE DATABASE qm_unit", errstr, sizeof(errstr));
-    /* Another test binary may have created it just now. */
-    cr_assert(rc == QM_OK || strcmp(qm_pg_last_sqlstate(c), "42P04") == 0 || rc == QM_EDUP,
-              "CREATE DATABASE qm_unit: %s", errstr);
-  }
-  qm_pg_result_destroy(res);
-  qm_pg_destroy(c);
-}
+static void ensure_database(void) { pg_fixture_ensure_database(errstr, sizeof(errstr)); }
 
 static void setup(void) {
   ensure_database();
