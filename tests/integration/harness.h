@@ -341,6 +341,49 @@ bool it_cases_report(it_cases_t *cs, const char *title);
 json_t *it_case_wait_status(it_cases_t *cs, it_stack_t *st, const char *token, const char *id,
                             const char *want, int timeout_ms);
 
+/* ---- HTTP recorder: a local peer that records what it receives ------------ */
+
+/* A small HTTP server on 127.0.0.1 and a free port, standing in for the
+ * outside systems a service calls (webhook receivers, procurement, carriers):
+ * it records every request (method, path with query, headers, body) and
+ * answers with a configurable status and body, optionally after a delay.
+ * Thread-safe: the server runs on its own thread; every function may be
+ * called from the test while requests arrive. */
+typedef struct it_recorder it_recorder_t;
+
+/* Starts a recorder; fails the test when it cannot listen. Every request is
+ * answered 200 with body "{}" (application/json) until told otherwise.
+ * Caller ends it with it_recorder_stop(). */
+it_recorder_t *it_recorder_start(void);
+/* "http://127.0.0.1:<port>", valid until it_recorder_stop(). */
+const char *it_recorder_url(const it_recorder_t *r);
+int it_recorder_port(const it_recorder_t *r);
+/* The status for requests that match no it_recorder_set_response() prefix. */
+void it_recorder_set_status(it_recorder_t *r, int status);
+/* Requests whose path starts with path_prefix are answered with status and
+ * body (JSON; NULL = "{}"); the longest matching prefix wins; setting a prefix
+ * again replaces it. Up to 32 prefixes. */
+void it_recorder_set_response(it_recorder_t *r, const char *path_prefix, int status,
+                              const char *body);
+/* Every answer waits this long first (0 = none): a peer that hangs. */
+void it_recorder_set_delay_ms(it_recorder_t *r, int ms);
+/* How many requests arrived whose path starts with path_prefix (NULL: all). */
+size_t it_recorder_count(it_recorder_t *r, const char *path_prefix);
+/* Waits until it_recorder_count(r, path_prefix) >= n or timeout_ms passed;
+ * true when reached. */
+bool it_recorder_wait(it_recorder_t *r, const char *path_prefix, size_t n, int timeout_ms);
+/* The body of the i-th (0-based, in arrival order) request matching
+ * path_prefix (NULL: all), or NULL when there are fewer. Caller frees. */
+char *it_recorder_body(it_recorder_t *r, const char *path_prefix, size_t i);
+/* Every request matching path_prefix (NULL: all) in arrival order, as an
+ * array of {"method","path","headers":{lower-cased name: value},"body"}.
+ * Caller frees with json_decref(). */
+json_t *it_recorder_requests(it_recorder_t *r, const char *path_prefix);
+/* Forgets what was recorded (responses stay configured). */
+void it_recorder_clear(it_recorder_t *r);
+/* Stops the server and frees r. NULL is fine. */
+void it_recorder_stop(it_recorder_t *r);
+
 /* ---- small things --------------------------------------------------------- */
 
 /* Milliseconds on the monotonic clock. */
