@@ -109,6 +109,10 @@ struct qm_http_resp {
   size_t len;
   qm_http_header_t *headers;
   size_t nheaders;
+  /* A streamed body (qm_http_resp_stream()) instead of body/len. */
+  qm_http_stream_fn stream_fn;
+  void *stream_ctx;
+  void (*stream_free)(void *ctx);
 };
 
 struct qm_http_req {
@@ -206,6 +210,10 @@ static void qm_http_resp_set(qm_http_resp_t *resp, int status, const char *conte
                              char *body, size_t len) {
   free(resp->content_type);
   free(resp->body);
+  if (resp->stream_free) resp->stream_free(resp->stream_ctx); /* a stream set earlier is dropped */
+  resp->stream_fn = NULL;
+  resp->stream_free = NULL;
+  resp->stream_ctx = NULL;
   resp->status = status;
   resp->content_type = content_type ? qm_strdup(content_type) : NULL;
   resp->body = body;
@@ -276,6 +284,7 @@ void qm_http_problem(qm_http_resp_t *resp, int status, const char *type_suffix,
 static void qm_http_resp_clear(qm_http_resp_t *resp) {
   free(resp->content_type);
   free(resp->body);
+  if (resp->stream_free) resp->stream_free(resp->stream_ctx); /* never sent */
   for (size_t i = 0; i < resp->nheaders; i++) {
     free(resp->headers[i].name);
     free(resp->headers[i].value);
@@ -955,6 +964,39 @@ static bool qm_http_take_body(qm_http_req_t *req, const char *data, size_t n) {
   return true;
 }
 
+/* A streamed body in flight: what qm_http_resp_stream() was given. */
+typedef struct qm_http_stream {
+  qm_http_stream_fn fn;
+  void *ctx;
+  void (*free_fn)(void *ctx);
+} qm_http_stream_t;
+
+static ssize_t qm_http_stream_read(void *cls, uint64_t pos, char *buf, size_t max) {
+  QM_UNUSED(pos);
+  qm_http_stream_t *st = cls;
+  long n = st->fn(st->ctx, buf, max);
+  if (n < 0) return MHD_CONTENT_READER_END_WITH_ERROR;
+  if (n == 0) return MHD_CONTENT_READER_END_OF_STREAM;
+  return (ssize_t)n;
+}
+
+static void qm_http_stream_done(void *cls) {
+  qm_http_stream_t *st = cls;
+  if (st->free_fn) st->free_fn(st->ctx);
+  free(st);
+}
+
+void qm_http_resp_stream(qm_http_resp_t *resp, int status, const char *content_type,
+                         qm_http_stream_fn fn, void *ctx, void (*free_fn)(void *ctx)) {
+  qm_http_resp_empty(resp, status);
+  free(resp->content_type);
+  resp->content_type = qm_strdup(content_type);
+  if (resp->stream_free) resp->stream_free(resp->stream_ctx);
+  resp->stream_fn = fn;
+  resp->stream_ctx = ctx;
+  resp->stream_free = free_fn;
+}
+
 static enum MHD_Result qm_http_send(qm_http_req_t *req) {
   qm_http_resp_t *resp = &req->resp;
   if (resp->status < 100 || resp->status > 599) {
@@ -966,7 +1008,20 @@ static enum MHD_Result qm_http_send(qm_http_req_t *req) {
                     "the server could not produce a response");
   }
   struct MHD_Response *r;
-  if (resp->body) {
+  if (resp->stream_fn) {
+    qm_http_stream_t *st = qm_calloc(1, sizeof(*st));
+    st->fn = resp->stream_fn;
+    st->ctx = resp->stream_ctx;
+    st->free_fn = resp->stream_free;
+    resp->stream_fn = NULL; /* the MHD response owns the stream now */
+    resp->stream_free = NULL;
+    r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 64 * 1024, qm_http_stream_read, st,
+                                          qm_http_stream_done);
+    if (!r) {
+      qm_http_stream_done(st);
+      return MHD_NO;
+    }
+  } else if (resp->body) {
     r = MHD_create_response_from_buffer(resp->len, resp->body, MHD_RESPMEM_MUST_FREE);
     if (r) resp->body = NULL; /* MHD frees it */
   } else {

@@ -166,6 +166,18 @@ void qm_http_resp_body(qm_http_resp_t *resp, int status, const char *content_typ
 void qm_http_resp_empty(qm_http_resp_t *resp, int status);
 /* Adds a response header (copied; Location, ETag, Retry-After, …). */
 void qm_http_resp_header(qm_http_resp_t *resp, const char *name, const char *value);
+/* A streamed response of unknown length (chunked transfer encoding), for
+ * exports too large to hold in memory. After the handler returns, the server
+ * calls fn(ctx, buf, cap) from its own thread until it returns 0 (end); fn
+ * fills buf with up to cap bytes and returns how many, or -1 to abort the
+ * transfer (the client sees a truncated chunked body, never a "complete"
+ * one). free_fn(ctx) runs once when the response is done or abandoned (client
+ * gone, shutdown), whatever happened; it may be NULL. The status and headers
+ * go out before the first byte, so fn cannot change them: check everything
+ * that can fail before choosing to stream. */
+typedef long (*qm_http_stream_fn)(void *ctx, char *buf, size_t cap);
+void qm_http_resp_stream(qm_http_resp_t *resp, int status, const char *content_type,
+                         qm_http_stream_fn fn, void *ctx, void (*free_fn)(void *ctx));
 /* The status set so far, 0 when none (e.g. to see if qm_http_req_json() failed). */
 int qm_http_resp_status(const qm_http_resp_t *resp);
 

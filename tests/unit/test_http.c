@@ -100,6 +100,39 @@ static void h_upload(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   qm_http_resp_json(resp, 200, json_pack("{s:I}", "len", (json_int_t)len));
 }
 
+/* A streamed body of ?lines=N lines "line <i>\n", aborted after ?fail_at=K
+ * lines when given; `stream_freed` counts the free callbacks. */
+typedef struct {
+  int next, lines, fail_at;
+} stream_state_t;
+static atomic_int stream_freed;
+
+static long stream_fill(void *ctx, char *buf, size_t cap) {
+  stream_state_t *s = ctx;
+  if (s->fail_at >= 0 && s->next >= s->fail_at) return -1;
+  if (s->next >= s->lines) return 0;
+  int n = snprintf(buf, cap, "line %d\n", s->next);
+  if (n < 0 || (size_t)n >= cap) return -1;
+  s->next++;
+  return n;
+}
+
+static void stream_free(void *ctx) {
+  free(ctx);
+  atomic_fetch_add(&stream_freed, 1);
+}
+
+static void h_stream(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
+  stream_state_t *s = calloc(1, sizeof(*s));
+  const char *lines = qm_http_req_query(req, "lines");
+  const char *fail = qm_http_req_query(req, "fail_at");
+  s->lines = lines ? atoi(lines) : 0;
+  s->fail_at = fail ? atoi(fail) : -1;
+  qm_http_resp_stream(resp, 200, "text/plain", stream_fill, s, stream_free);
+  if (qm_http_req_query(req, "replace")) /* a later response drops the stream */
+    qm_http_resp_json(resp, 409, json_pack("{s:b}", "replaced", 1));
+}
+
 static void start_server(void) {
   qm_log_init("test", QM_LOG_FATAL, NULL);
   curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -121,6 +154,7 @@ static void start_server(void) {
                0);
   cr_assert_eq(qm_http_route(srv, "GET", "/v1/nothing", h_nothing, NULL, 0, NULL), 0);
   cr_assert_eq(qm_http_route(srv, "GET", "/v1/slow", h_slow, NULL, QM_HTTP_PUBLIC, NULL), 0);
+  cr_assert_eq(qm_http_route(srv, "GET", "/v1/stream", h_stream, NULL, QM_HTTP_PUBLIC, NULL), 0);
   cr_assert_eq(qm_http_route(srv, "PUT", "/v1/upload", h_upload, NULL,
                              QM_HTTP_PUBLIC | QM_HTTP_ANY_BODY, NULL),
                0);
@@ -566,6 +600,31 @@ Test(http, public_route_needs_no_token_and_silent_handler_is_500) {
   assert_problem(&r, 500, "internal", "/v1/nothing");
   resp_free(&r);
   free(tok);
+}
+
+Test(http, streamed_response_is_chunked_complete_and_freed_once) {
+  atomic_store(&stream_freed, 0);
+  http_resp_t r;
+  call(NULL, "GET", "/v1/stream?lines=20000", NULL, NULL, NULL, NULL, &r);
+  cr_assert_eq(r.curl_rc, CURLE_OK);
+  cr_assert_eq(r.status, 200);
+  cr_assert(strstr(r.headers, "Transfer-Encoding: chunked") != NULL, "%s", r.headers);
+  cr_assert(strstr(r.headers, "Content-Type: text/plain") != NULL, "%s", r.headers);
+  int n = 0;
+  for (size_t i = 0; i < r.len; i++) n += r.body[i] == '\n';
+  cr_assert_eq(n, 20000);
+  cr_assert(r.len > 20 && memcmp(r.body + r.len - 11, "line 19999\n", 11) == 0);
+  resp_free(&r);
+  /* An aborted stream: the client must not see a complete body. */
+  call(NULL, "GET", "/v1/stream?lines=100&fail_at=10", NULL, NULL, NULL, NULL, &r);
+  cr_assert_neq(r.curl_rc, CURLE_OK, "an aborted stream must end the transfer with an error");
+  resp_free(&r);
+  /* A stream replaced by a later response is freed, not sent. */
+  call(NULL, "GET", "/v1/stream?lines=3&replace=1", NULL, NULL, NULL, NULL, &r);
+  cr_assert_eq(r.status, 409);
+  resp_free(&r);
+  for (int i = 0; i < 100 && atomic_load(&stream_freed) < 3; i++) usleep(10000);
+  cr_assert_eq(atomic_load(&stream_freed), 3);
 }
 
 /* ---- probes and metrics ---- */
