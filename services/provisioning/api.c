@@ -144,9 +144,12 @@ static void retry_operation(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx)
   int rc = qm_pg_exec(pg,
                       "WITH o AS (UPDATE grant_ops SET state = 'pending', attempts = 0,"
                       " next_attempt_at = now(), lease_until = NULL, finished_at = NULL"
-                      " WHERE id = $1::bigint AND state = 'failed' RETURNING grant_id)"
-                      " UPDATE grants SET state = 'pending', updated_at = now()"
-                      " WHERE grant_id IN (SELECT grant_id FROM o) RETURNING grant_id",
+                      " WHERE id = $1::bigint AND state = 'failed' AND (op = 'revoke' OR"
+                      "  (SELECT revoke_reason IS NULL FROM grants g WHERE g.grant_id = grant_ops.grant_id))"
+                      " RETURNING grant_id, op)"
+                      " , g AS (UPDATE grants SET state = 'pending', updated_at = now()"
+                      " WHERE grant_id IN (SELECT grant_id FROM o WHERE op = 'grant'))"
+                      " SELECT grant_id FROM o",
                       p, 1, &res, errstr, sizeof(errstr));
   qm_pg_pool_release(qm_service_pool(prov->svc), pg);
   if (rc != QM_OK) {
@@ -156,7 +159,8 @@ static void retry_operation(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx)
   if (qm_pg_ntuples(res) == 0) {
     qm_pg_result_destroy(res);
     qm_http_problem(resp, 409, "conflict", "Not a failed operation",
-                    "only an operation parked as failed can be retried");
+                    "only an operation parked as failed can be retried (and a grant only while "
+                    "it is not being revoked)");
     return;
   }
   json_t *body = json_pack("{s:I, s:s, s:s}", "operation_id", (json_int_t)op_id, "grant_id",
@@ -167,12 +171,261 @@ static void retry_operation(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx)
   qm_http_resp_json(resp, 202, body);
 }
 
+typedef struct revoke_ctx {
+  prov_t *prov;
+  const char *grant_id;
+  const char *reason;
+  Qm__V1__Actor *actor;
+  int queued;
+  char state[16];
+} revoke_ctx_t;
+
+static int revoke_tx(qm_service_t *svc, qm_pg_t *tx, void *arg, char *errstr,
+                     size_t errstr_size) {
+  QM_UNUSED(svc);
+  revoke_ctx_t *rc_ = arg;
+  int rc = prov_revoke_queue(rc_->prov, tx, NULL, rc_->grant_id, NULL, NULL, rc_->reason,
+                             rc_->actor, &rc_->queued, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t p[] = {QM_PG_TEXT(rc_->grant_id)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(tx, "SELECT state FROM grants WHERE grant_id = $1", p, 1, &res, errstr,
+                  errstr_size);
+  if (rc != QM_OK) return rc;
+  rc_->state[0] = '\0';
+  if (qm_pg_ntuples(res) == 1) qm_strlcpy(rc_->state, qm_pg_get(res, 0, 0), sizeof(rc_->state));
+  qm_pg_result_destroy(res);
+  return QM_OK;
+}
+
+/* POST /v1/grants/{id}/revoke {"reason": "..."} — an administrator takes a
+ * grant away. The revocation is queued like any other (AccessRevoked with
+ * reason "admin" and the administrator as actor once the directory agrees);
+ * 202 with the grant id, 404 for an unknown grant, 409 when it is revoked
+ * or being revoked already. it_admin only. */
+static void revoke_grant(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
+  prov_t *prov = ctx;
+  const qm_principal_t *who = qm_http_req_principal(req);
+  const char *id = qm_http_req_param(req, "id");
+  if (!qm_uuid_valid(id)) {
+    qm_problem_t *pb = qm_problem_new(400, "validation", "Invalid grant id");
+    qm_problem_field(pb, "id", "must be a grant id (UUID)");
+    qm_http_resp_problem(resp, pb);
+    return;
+  }
+  size_t blen = 0;
+  qm_http_req_body(req, &blen);
+  json_t *body = blen ? qm_http_req_json(req) : NULL;
+  if (blen && !body) return; /* the 400 naming the syntax error is set */
+  if (blen && !json_is_object(body)) {
+    qm_problem_t *pb = qm_problem_new(400, "validation", "Invalid body");
+    qm_problem_field(pb, "body", "must be a JSON object (or empty)");
+    qm_http_resp_problem(resp, pb);
+    return;
+  }
+  json_t *why = body ? json_object_get(body, "comment") : NULL;
+  if (why && !json_is_string(why)) {
+    qm_problem_t *pb = qm_problem_new(400, "validation", "Invalid body");
+    qm_problem_field(pb, "comment", "must be a string");
+    qm_http_resp_problem(resp, pb);
+    return;
+  }
+  Qm__V1__Actor actor = QM__V1__ACTOR__INIT;
+  actor.person_id = (char *)who->sub;
+  char *roles[] = {(char *)"it_admin"};
+  actor.n_roles = 1;
+  actor.roles = roles;
+  revoke_ctx_t rc_ = {prov, id, "admin", &actor, 0, ""};
+  char errstr[512];
+  int rc = qm_service_tx(prov->svc, 5000, revoke_tx, &rc_, errstr, sizeof(errstr));
+  if (rc != QM_OK) {
+    qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "revoke %s: %s", id,
+           errstr);
+    qm_http_problem(resp, 503, "unavailable", "Database error", "try again shortly");
+    return;
+  }
+  if (!rc_.state[0]) {
+    qm_http_problem(resp, 404, "not-found", "No such grant", "no grant has this id");
+    return;
+  }
+  if (rc_.queued == 0) {
+    qm_http_problem(resp, 409, "conflict", "Not revocable",
+                    "the grant is revoked already or its revocation is on its way");
+    return;
+  }
+  qm_log(QM_LOG_INFO, qm_http_req_id(req), qm_http_req_trace_id(req),
+         "grant %s: revocation requested by %s%s%s", id, who->sub, why ? ": " : "",
+         why ? json_string_value(why) : "");
+  qm_http_resp_json(resp, 202, json_pack("{s:s, s:s, s:s}", "grant_id", id, "state", rc_.state,
+                                         "revocation", "queued"));
+}
+
+/* GET /v1/operations?state=failed&limit=&after= — directory operations,
+ * newest first (default: the failed ones, parked for an operator). Staff. */
+static void list_operations(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
+  prov_t *prov = ctx;
+  const char *state = qm_http_req_query(req, "state");
+  const char *limit_s = qm_http_req_query(req, "limit");
+  const char *after = qm_http_req_query(req, "after");
+  if (!state) state = "failed";
+  qm_problem_t *pb = NULL;
+  if (strcmp(state, "failed") && strcmp(state, "pending") && strcmp(state, "done")) {
+    pb = qm_problem_new(400, "validation", "Invalid query");
+    qm_problem_field(pb, "state", "must be failed, pending or done");
+  }
+  long limit = 50;
+  if (limit_s) {
+    char *end = NULL;
+    limit = strtol(limit_s, &end, 10);
+    if (!*limit_s || *end || limit < 1 || limit > 500) {
+      if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
+      qm_problem_field(pb, "limit", "must be an integer from 1 to 500");
+    }
+  }
+  long long after_id = 0;
+  if (after) {
+    char *end = NULL;
+    after_id = strtoll(after, &end, 10);
+    if (!*after || *end || after_id < 0) {
+      if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
+      qm_problem_field(pb, "after", "must be the 'next' cursor of a previous page");
+    }
+  }
+  if (pb) {
+    qm_http_resp_problem(resp, pb);
+    return;
+  }
+  if (!is_staff(qm_http_req_principal(req))) {
+    qm_http_problem(resp, 403, "forbidden", "Forbidden", "staff roles only");
+    return;
+  }
+  qm_pg_t *pg = NULL;
+  if (qm_pg_pool_acquire(qm_service_pool(prov->svc), 5000, &pg) != QM_OK) {
+    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
+    return;
+  }
+  qm_pg_param_t p[] = {QM_PG_TEXT(state), QM_PG_INT64(after_id), QM_PG_INT64(limit + 1)};
+  qm_pg_result_t *res = NULL;
+  char errstr[512];
+  int rc = qm_pg_exec(
+      pg,
+      "SELECT o.id, o.op, o.grant_id, o.person_id, o.grp, g.connector, o.attempts,"
+      " coalesce(o.last_error, ''), coalesce(o.reason, ''), g.request_id, g.item_id, g.role_id,"
+      " to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+      " FROM grant_ops o JOIN grants g USING (grant_id)"
+      " WHERE o.state = $1 AND ($2::bigint = 0 OR o.id < $2) ORDER BY o.id DESC LIMIT $3::int",
+      p, 3, &res, errstr, sizeof(errstr));
+  qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+  if (rc != QM_OK) {
+    qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "list operations: %s",
+           errstr);
+    qm_http_problem(resp, 503, "unavailable", "Database error", "try again shortly");
+    return;
+  }
+  json_t *items = json_array();
+  int n = qm_pg_ntuples(res);
+  int shown = n > limit ? (int)limit : n;
+  for (int i = 0; i < shown; i++) {
+    int64_t id = 0, attempts = 0;
+    qm_pg_get_int64(res, i, 0, &id);
+    qm_pg_get_int64(res, i, 6, &attempts);
+    json_t *o = json_pack("{s:I, s:s, s:s, s:s, s:s, s:s, s:I, s:s, s:s, s:s, s:s, s:s}",
+                          "operation_id", (json_int_t)id, "op", qm_pg_get(res, i, 1), "grant_id",
+                          qm_pg_get(res, i, 2), "person_id", qm_pg_get(res, i, 3), "group",
+                          qm_pg_get(res, i, 4), "connector", qm_pg_get(res, i, 5), "attempts",
+                          (json_int_t)attempts, "request_id", qm_pg_get(res, i, 9), "item_id",
+                          qm_pg_get(res, i, 10), "role_id", qm_pg_get(res, i, 11), "state", state,
+                          "created_at", qm_pg_get(res, i, 12));
+    if (*qm_pg_get(res, i, 7)) json_object_set_new(o, "last_error", json_string(qm_pg_get(res, i, 7)));
+    if (*qm_pg_get(res, i, 8)) json_object_set_new(o, "reason", json_string(qm_pg_get(res, i, 8)));
+    json_array_append_new(items, o);
+  }
+  json_t *body = json_pack("{s:o}", "items", items);
+  if (n > limit) json_object_set_new(body, "next", json_string(qm_pg_get(res, shown - 1, 0)));
+  qm_pg_result_destroy(res);
+  qm_http_resp_json(resp, 200, body);
+}
+
+/* POST /v1/drift/run — reconcile every managed group now instead of at the
+ * next QM_DRIFT_INTERVAL. Answers the number of findings. it_admin only. */
+static void run_drift(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
+  prov_t *prov = ctx;
+  qm_pg_t *pg = NULL;
+  if (qm_pg_pool_acquire(qm_service_pool(prov->svc), 5000, &pg) != QM_OK) {
+    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
+    return;
+  }
+  char errstr[512];
+  int n = prov_drift_run(prov, pg, errstr, sizeof(errstr));
+  qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+  if (n < 0) {
+    qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "drift run: %s", errstr);
+    qm_http_problem(resp, 503, "unavailable", "Drift run failed", "try again shortly");
+    return;
+  }
+  qm_http_resp_json(resp, 200, json_pack("{s:i}", "findings", n));
+}
+
+/* GET /v1/leavers/{person_id} — each leaver event of the person: when it
+ * arrived, when revocation started, how many grants, when the last one was
+ * revoked and how long that took. Staff. */
+static void get_leaver(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
+  prov_t *prov = ctx;
+  if (!is_staff(qm_http_req_principal(req))) {
+    qm_http_problem(resp, 403, "forbidden", "Forbidden", "staff roles only");
+    return;
+  }
+  qm_pg_t *pg = NULL;
+  if (qm_pg_pool_acquire(qm_service_pool(prov->svc), 5000, &pg) != QM_OK) {
+    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
+    return;
+  }
+  qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_param(req, "person_id"))};
+  qm_pg_result_t *res = NULL;
+  char errstr[512];
+#define TS(c) "coalesce(to_char(" c " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), '')"
+  int rc = qm_pg_exec(pg,
+                      "SELECT source, source_event_id, effective_date::text, " TS("received_at")
+                      ", " TS("started_at") ", coalesce(grants, -1), " TS("completed_at")
+                      ", coalesce(extract(epoch FROM completed_at - received_at)::text, '')"
+                      " FROM leavers WHERE person_id = $1 ORDER BY received_at DESC LIMIT 50",
+                      p, 1, &res, errstr, sizeof(errstr));
+#undef TS
+  qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+  if (rc != QM_OK) {
+    qm_http_problem(resp, 503, "unavailable", "Database error", "try again shortly");
+    return;
+  }
+  json_t *items = json_array();
+  for (int i = 0; i < qm_pg_ntuples(res); i++) {
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s}", "source", qm_pg_get(res, i, 0),
+                          "source_event_id", qm_pg_get(res, i, 1), "effective_date",
+                          qm_pg_get(res, i, 2), "received_at", qm_pg_get(res, i, 3));
+    if (*qm_pg_get(res, i, 4)) json_object_set_new(o, "started_at", json_string(qm_pg_get(res, i, 4)));
+    int64_t g = -1;
+    qm_pg_get_int64(res, i, 5, &g);
+    if (g >= 0) json_object_set_new(o, "grants", json_integer(g));
+    if (*qm_pg_get(res, i, 6)) json_object_set_new(o, "completed_at", json_string(qm_pg_get(res, i, 6)));
+    if (*qm_pg_get(res, i, 7))
+      json_object_set_new(o, "seconds", json_real(strtod(qm_pg_get(res, i, 7), NULL)));
+    json_array_append_new(items, o);
+  }
+  qm_pg_result_destroy(res);
+  qm_http_resp_json(resp, 200, json_pack("{s:o}", "items", items));
+}
+
 int prov_api_register(prov_t *prov, char *errstr, size_t errstr_size) {
   static const char *const admin[] = {"it_admin", NULL};
   qm_http_server_t *http = qm_service_http(prov->svc);
   if (qm_http_route(http, "GET", "/v1/grants", list_grants, prov, 0, NULL) != QM_OK ||
+      qm_http_route(http, "POST", "/v1/grants/{id}/revoke", revoke_grant, prov,
+                    QM_HTTP_ANY_BODY, admin) != QM_OK ||
+      qm_http_route(http, "GET", "/v1/operations", list_operations, prov, 0, NULL) != QM_OK ||
       qm_http_route(http, "POST", "/v1/operations/{id}/retry", retry_operation, prov,
-                    QM_HTTP_ANY_BODY, admin) != QM_OK)
+                    QM_HTTP_ANY_BODY, admin) != QM_OK ||
+      qm_http_route(http, "POST", "/v1/drift/run", run_drift, prov, QM_HTTP_ANY_BODY, admin) !=
+          QM_OK ||
+      qm_http_route(http, "GET", "/v1/leavers/{person_id}", get_leaver, prov, 0, NULL) != QM_OK)
     return qm_err(errstr, errstr_size, QM_EINVAL, "cannot register provisioning routes");
   return QM_OK;
 }

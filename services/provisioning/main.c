@@ -23,10 +23,13 @@
 #include "qm_log.h"
 #include "qm_scim.h"
 #include "qm_service.h"
+#include "qm_timer.h"
 #include "qm_topics.h"
 
 #include "qm/v1/access.pb-c.h"
 #include "qm/v1/decisions.pb-c.h"
+#include "qm/v1/hr.pb-c.h"
+#include "qm/v1/requests.pb-c.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -84,6 +87,36 @@ static const qm_migration_t migrations[] = {
     {3, "lease holder session",
      "ALTER TABLE grant_ops ADD COLUMN lease_pid int,"
      " ADD COLUMN lease_backend_start timestamptz;"},
+    /* Revocation (why, by whom), expiry notices, leavers and drift findings. */
+    {4, "revocation, expiry notices, leavers, drift",
+     "ALTER TABLE grant_ops ADD COLUMN reason text, ADD COLUMN actor bytea;"
+     "ALTER TABLE grants ADD COLUMN notice_sent_at timestamptz,"
+     " ADD COLUMN extended_by text;"
+     "CREATE INDEX grants_directory ON grants (connector, grp, state);"
+     "CREATE INDEX grant_ops_person ON grant_ops (person_id, op) WHERE state = 'pending';"
+     "CREATE TABLE leavers ("
+     " source text NOT NULL,"
+     " source_event_id text NOT NULL,"
+     " effective_date date NOT NULL,"
+     " person_id text NOT NULL,"
+     " received_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+     " started_at timestamptz,"
+     " grants int,"
+     " completed_at timestamptz,"
+     " PRIMARY KEY (source, source_event_id, effective_date));"
+     "CREATE INDEX leavers_due ON leavers (effective_date) WHERE started_at IS NULL;"
+     "CREATE INDEX leavers_person ON leavers (person_id);"
+     "CREATE TABLE drift_findings ("
+     " id bigserial PRIMARY KEY,"
+     " connector text NOT NULL,"
+     " grp text NOT NULL,"
+     " finding text NOT NULL,"
+     " directory_user_id text NOT NULL,"
+     " person_id text,"
+     " grant_id text,"
+     " repaired boolean NOT NULL,"
+     " found_at timestamptz NOT NULL DEFAULT now());"},
+    {5, "timers: expiry, expiry notices, future-dated leavers", QM_TIMER_MIGRATION_SQL("timers")},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -103,6 +136,26 @@ static const qm_cfg_def_t config[] = {
     {"QM_PROVISIONING_LEASE", QM_CFG_MS, "60s",
      "How long a worker holds a claimed operation before another may take it.", 1000, 3600000, 0},
     {"QM_PROVISIONING_POLL", QM_CFG_MS, "20ms", "Worker poll interval when idle.", 1, 60000, 0},
+    {"QM_CONNECTORS_FILE", QM_CFG_STR, "",
+     "JSON file of further connector instances (SCIM or LDAP) by name; see docs/operations.md.",
+     0, 0, 0},
+    {"QM_PROVISIONING_DAY", QM_CFG_MS, "1d",
+     "Length of one day of a grant's duration (shorten it only for tests and demos).", 100,
+     864000000, 0},
+    {"QM_PROVISIONING_TICK", QM_CFG_MS, "1s",
+     "How often expiries, expiry notices and due leavers are looked for.", 10, 3600000, 0},
+    {"QM_EXPIRY_NOTICE_BEFORE", QM_CFG_MS, "3d",
+     "How long before expiry the holder is notified (ExpiryNotice and the webhook).", 0,
+     8640000000, 0},
+    {"QM_EXPIRY_WEBHOOK_URL", QM_CFG_STR, "",
+     "URL that receives a JSON POST per expiry notice (empty: event only).", 0, 0, 0},
+    {"QM_EXPIRY_WEBHOOK_TIMEOUT", QM_CFG_MS, "5s", "Bound on one expiry webhook call.", 100,
+     60000, 0},
+    {"QM_DRIFT_INTERVAL", QM_CFG_MS, "15m",
+     "How often every managed group is reconciled with the grants (0: never).", 0, 86400000, 0},
+    {"QM_DRIFT_REPAIR", QM_CFG_BOOL, "false",
+     "Repair drift: remove members without a grant, re-add grants without membership "
+     "(a connector's drift_repair overrides it).", 0, 0, 0},
 };
 
 static int on_approved(qm_service_t *svc, prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev,
@@ -154,48 +207,241 @@ static int on_approved(qm_service_t *svc, prov_t *prov, qm_pg_t *tx, const qm_ev
   return QM_OK;
 }
 
-static int handle(qm_service_t *svc, void *app, qm_pg_t *tx, const qm_event_in_t *ev,
-                  char *errstr, size_t errstr_size) {
-  prov_t *prov = app;
-  if (!qm_service_topic_is(svc, ev->topic, QM_TOPIC_DECISIONS)) return QM_OK;
+/* An approved extension moves the expiry of the grant it extends (from its
+ * current expiry, or from now when that has passed) and announces it as an
+ * AccessGranted with extension set. *handled says whether a grant was found;
+ * when none is (revoked meanwhile), the extension is granted as new access. */
+static int on_extension(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev,
+                        const Qm__V1__RequestApproved *ap, bool *handled, char *errstr,
+                        size_t errstr_size) {
+  *handled = false;
+  const Qm__V1__RequestLine *line = ap->line;
+  int days = ap->grant_duration_days > 0 ? ap->grant_duration_days : line->duration_days;
+  qm_pg_param_t p[] = {QM_PG_TEXT(ap->extends_request_id), QM_PG_TEXT(ap->subject_person_id),
+                       QM_PG_TEXT(line->item_id),         QM_PG_TEXT(line->role_id),
+                       QM_PG_INT64(days),                 QM_PG_INT64(prov->day_ms),
+                       QM_PG_TEXT(ap->request_id)};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(
+      tx,
+      "UPDATE grants SET duration_days = CASE WHEN state = 'pending' AND duration_days > 0"
+      "  THEN duration_days + $5::int ELSE duration_days END,"
+      " expires_at = CASE WHEN expires_at IS NOT NULL THEN greatest(expires_at, now())"
+      "  + make_interval(secs => $5::int * ($6::bigint / 1000.0)) END,"
+      " notice_sent_at = NULL, extended_by = $7, updated_at = now()"
+      " WHERE request_id = $1 AND person_id = $2 AND item_id = $3 AND ($4 = '' OR role_id = $4)"
+      " AND state IN ('pending', 'active') AND revoke_reason IS NULL"
+      " RETURNING grant_id, state, request_id, line_no, role_id, grp, connector,"
+      " coalesce(directory_user_id, ''), coalesce(directory_group_id, ''),"
+      " coalesce((extract(epoch FROM granted_at) * 1000)::bigint, 0),"
+      " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0)",
+      p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  int n = qm_pg_ntuples(res);
+  for (int i = 0; i < n && rc == QM_OK; i++) {
+    *handled = true;
+    qm_log(QM_LOG_INFO, ap->request_id, NULL, "grant %s extended by %d day(s) by request %s",
+           qm_pg_get(res, i, 0), days, ap->request_id);
+    if (strcmp(qm_pg_get(res, i, 1), "active") != 0) continue; /* announced when applied */
+    int64_t expires_ms = 0;
+    qm_pg_get_int64(res, i, 10, &expires_ms);
+    if (expires_ms > 0) {
+      rc = prov_timers_arm(prov, tx, qm_pg_get(res, i, 0), expires_ms, errstr, errstr_size);
+      if (rc != QM_OK) break;
+    }
+    Qm__V1__AccessGranted ag = QM__V1__ACCESS_GRANTED__INIT;
+    int64_t line_no = 0;
+    qm_pg_get_int64(res, i, 3, &line_no);
+    ag.request_id = (char *)qm_pg_get(res, i, 2);
+    ag.line_no = (int32_t)line_no;
+    ag.grant_id = (char *)qm_pg_get(res, i, 0);
+    ag.subject_person_id = ap->subject_person_id;
+    ag.item_id = line->item_id;
+    ag.role_id = (char *)qm_pg_get(res, i, 4);
+    ag.group = (char *)qm_pg_get(res, i, 5);
+    ag.connector = (char *)qm_pg_get(res, i, 6);
+    ag.directory_user_id = (char *)qm_pg_get(res, i, 7);
+    ag.directory_group_id = (char *)qm_pg_get(res, i, 8);
+    qm_pg_get_int64(res, i, 9, &ag.granted_at_ms);
+    qm_pg_get_int64(res, i, 10, &ag.expires_at_ms);
+    ag.n_approvers = ap->n_approvers;
+    ag.approvers = ap->approvers;
+    ag.extension = true;
+    Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
+    ae.event_case = QM__V1__ACCESS_EVENT__EVENT_GRANTED;
+    ae.granted = &ag;
+    /* Subject: the extension request, so its requester sees it granted. */
+    rc = qm_service_emit(prov->svc, tx, QM_TOPIC_ACCESS, ap->subject_person_id,
+                         "qm.access.granted.v1", ap->request_id, ev->meta.traceparent, &ae.base,
+                         NULL, errstr, errstr_size);
+  }
+  qm_pg_result_destroy(res);
+  return rc;
+}
+
+static int on_decision(qm_service_t *svc, prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev,
+                       char *errstr, size_t errstr_size) {
   Qm__V1__DecisionEvent *de =
       qm__v1__decision_event__unpack(NULL, ev->payload_len, (const uint8_t *)ev->payload);
   if (!de)
     return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.DecisionEvent",
                   ev->meta.type);
   int rc = QM_OK;
-  if (de->event_case == QM__V1__DECISION_EVENT__EVENT_APPROVED)
-    rc = on_approved(svc, prov, tx, ev, de->approved, errstr, errstr_size);
+  if (de->event_case == QM__V1__DECISION_EVENT__EVENT_APPROVED) {
+    bool handled = false;
+    const Qm__V1__RequestApproved *ap = de->approved;
+    if (ap->extends_request_id[0] && ap->line && ap->subject_person_id[0])
+      rc = on_extension(prov, tx, ev, ap, &handled, errstr, errstr_size);
+    if (rc == QM_OK && !handled) rc = on_approved(svc, prov, tx, ev, ap, errstr, errstr_size);
+  }
   qm__v1__decision_event__free_unpacked(de, NULL);
   return rc;
+}
+
+/* The reasons AccessRevoked may carry, from a RevocationRequested's. */
+static const char *revoke_reason(const char *asked) {
+  static const char *const known[] = {"mover", "leaver", "review", "admin", "expired", NULL};
+  for (size_t i = 0; known[i]; i++)
+    if (!strcmp(asked, known[i])) return known[i];
+  return "revocation_requested";
+}
+
+static int on_request_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr,
+                            size_t errstr_size) {
+  Qm__V1__RequestEvent *re =
+      qm__v1__request_event__unpack(NULL, ev->payload_len, (const uint8_t *)ev->payload);
+  if (!re)
+    return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.RequestEvent",
+                  ev->meta.type);
+  int rc = QM_OK;
+  if (re->event_case == QM__V1__REQUEST_EVENT__EVENT_REVOCATION_REQUESTED) {
+    const Qm__V1__RevocationRequested *rr = re->revocation_requested;
+    if (!rr->subject_person_id[0] || !rr->item_id[0]) {
+      rc = qm_err(errstr, errstr_size, QM_EPOISON,
+                  "RevocationRequested without subject_person_id or item_id");
+    } else {
+      int queued = 0;
+      rc = prov_revoke_queue(prov, tx, rr->subject_person_id, NULL, rr->item_id, rr->role_id,
+                             revoke_reason(rr->reason), rr->actor, &queued, errstr, errstr_size);
+      if (rc == QM_OK)
+        qm_log(QM_LOG_INFO, rr->request_id, NULL,
+               "revocation of %s/%s for %s (%s): %d grant(s) queued", rr->item_id,
+               rr->role_id[0] ? rr->role_id : "*", rr->subject_person_id, rr->reason, queued);
+    }
+  }
+  qm__v1__request_event__free_unpacked(re, NULL);
+  return rc;
+}
+
+/* A leaver revokes every grant of the person from the effective date on; a
+ * leaver dated in the future waits in the leavers table for the scheduler.
+ * Duplicates (same source, id and effective date) are dropped. */
+static int on_hr_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr,
+                       size_t errstr_size) {
+  Qm__V1__HrEvent *he =
+      qm__v1__hr_event__unpack(NULL, ev->payload_len, (const uint8_t *)ev->payload);
+  if (!he)
+    return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.HrEvent",
+                  ev->meta.type);
+  int rc = QM_OK;
+  bool leaver = he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_LEAVER ||
+                (he->person && he->person->status == QM__V1__PERSON_STATUS__PERSON_STATUS_TERMINATED);
+  if (leaver) {
+    if (!he->person || !he->person->id[0] || !he->effective_date[0]) {
+      rc = qm_err(errstr, errstr_size, QM_EPOISON, "leaver without person id or effective date");
+      goto out;
+    }
+    qm_pg_param_t p[] = {QM_PG_TEXT(he->source), QM_PG_TEXT(he->source_event_id),
+                         QM_PG_TEXT(he->effective_date), QM_PG_TEXT(he->person->id)};
+    int y = 0, mo = 0, d = 0;
+    char tail = 0;
+    if (sscanf(he->effective_date, "%4d-%2d-%2d%c", &y, &mo, &d, &tail) != 3 || mo < 1 ||
+        mo > 12 || d < 1 || d > 31) {
+      rc = qm_err(errstr, errstr_size, QM_EPOISON, "leaver with a bad effective date '%s'",
+                  he->effective_date);
+      goto out;
+    }
+    qm_pg_result_t *res = NULL;
+    rc = qm_pg_exec(tx,
+                    "INSERT INTO leavers (source, source_event_id, effective_date, person_id)"
+                    " VALUES ($1, $2, $3::date, $4) ON CONFLICT DO NOTHING"
+                    " RETURNING effective_date <= current_date,"
+                    " (extract(epoch FROM effective_date::timestamptz) * 1000)::bigint",
+                    p, 4, &res, errstr, errstr_size);
+    if (rc != QM_OK) goto out;
+    bool fresh = qm_pg_ntuples(res) == 1, due = fresh && !strcmp(qm_pg_get(res, 0, 0), "t");
+    qm_pg_result_destroy(res);
+    if (!fresh)
+      qm_log(QM_LOG_INFO, NULL, NULL, "leaver %s (%s/%s %s) seen before; dropped", he->person->id,
+             he->source, he->source_event_id, he->effective_date);
+    else if (due)
+      rc = prov_leaver_start(prov, tx, he->person->id, errstr, errstr_size);
+    else {
+      qm_pg_param_t q[] = {QM_PG_TEXT(he->person->id)};
+      qm_pg_result_t *r2 = NULL;
+      rc = qm_pg_exec(tx, "SELECT (extract(epoch FROM min(effective_date)::timestamptz) * 1000)::bigint"
+                      " FROM leavers WHERE person_id = $1 AND started_at IS NULL", q, 1, &r2,
+                      errstr, errstr_size);
+      int64_t due_ms = 0;
+      if (rc == QM_OK) qm_pg_get_int64(r2, 0, 0, &due_ms);
+      qm_pg_result_destroy(r2);
+      if (rc == QM_OK)
+        rc = qm_timer_add(tx, "timers", "leaver", he->person->id, NULL, 0, due_ms, NULL, errstr,
+                          errstr_size);
+      qm_log(QM_LOG_INFO, NULL, NULL, "leaver %s effective %s: revocation waits for that date",
+             he->person->id, he->effective_date);
+    }
+  }
+out:
+  qm__v1__hr_event__free_unpacked(he, NULL);
+  return rc;
+}
+
+static int handle(qm_service_t *svc, void *app, qm_pg_t *tx, const qm_event_in_t *ev,
+                  char *errstr, size_t errstr_size) {
+  prov_t *prov = app;
+  if (qm_service_topic_is(svc, ev->topic, QM_TOPIC_DECISIONS))
+    return on_decision(svc, prov, tx, ev, errstr, errstr_size);
+  if (qm_service_topic_is(svc, ev->topic, QM_TOPIC_REQUESTS))
+    return on_request_event(prov, tx, ev, errstr, errstr_size);
+  if (qm_service_topic_is(svc, ev->topic, QM_TOPIC_HR))
+    return on_hr_event(prov, tx, ev, errstr, errstr_size);
+  return QM_OK;
 }
 
 static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size) {
   const qm_config_t *cfg = qm_service_config(svc);
   prov_t *prov = qm_calloc(1, sizeof(*prov));
   prov->svc = svc;
-  qm_scim_config_t sc = {
-      .base_url = qm_config_str(cfg, "QM_SCIM_URL"),
-      .bearer_token = qm_config_str(cfg, "QM_SCIM_TOKEN"),
-      .ca_file = *qm_config_str(cfg, "QM_SCIM_CA_FILE") ? qm_config_str(cfg, "QM_SCIM_CA_FILE") : NULL,
-      .total_timeout_ms = (int)qm_config_ms(cfg, "QM_SCIM_TIMEOUT"),
-      .max_attempts = 3,
-  };
-  if (qm_scim_dialect_parse(qm_config_str(cfg, "QM_SCIM_DIALECT"), &sc.dialect) != QM_OK) {
-    free(prov);
-    return qm_err(errstr, errstr_size, QM_EINVAL,
-                  "invalid configuration: QM_SCIM_DIALECT: '%s' is not generic, okta or entra",
-                  qm_config_str(cfg, "QM_SCIM_DIALECT"));
-  }
-  prov->scim = qm_scim_new(&sc, errstr, errstr_size);
-  if (!prov->scim) {
-    free(prov);
-    return QM_EINVAL;
-  }
-  int rc = prov_api_register(prov, errstr, errstr_size);
-  if (rc == QM_OK) rc = prov_workers_start(prov, errstr, errstr_size);
+  prov->day_ms = qm_config_ms(cfg, "QM_PROVISIONING_DAY");
+  prov->notice_before_ms = qm_config_ms(cfg, "QM_EXPIRY_NOTICE_BEFORE");
+  prov->webhook_timeout_ms = qm_config_ms(cfg, "QM_EXPIRY_WEBHOOK_TIMEOUT");
+  int rc = prov_connectors_load(prov, errstr, errstr_size);
   if (rc != QM_OK) {
-    qm_scim_destroy(prov->scim);
+    free(prov);
+    return rc;
+  }
+  qm_metrics_t *reg = qm_service_metrics(svc);
+  prov->m_ops = qm_metrics_counter(reg, "qm_provisioning_operations_total",
+                                   "Directory operations by op (grant, revoke) and outcome "
+                                   "(done, retried, parked).",
+                                   (const char *const[]){"op", "outcome", NULL});
+  static const double leaver_bounds[] = {0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
+  prov->m_leaver = qm_metrics_histogram(reg, "qm_provisioning_leaver_seconds",
+                                        "From a due leaver's HR event to its last grant revoked.",
+                                        NULL, leaver_bounds, QM_ARRAY_LEN(leaver_bounds));
+  prov->m_drift = qm_metrics_counter(reg, "qm_provisioning_drift_findings_total",
+                                     "Drift findings by kind and whether they were repaired.",
+                                     (const char *const[]){"finding", "repaired", NULL});
+  prov->m_notices = qm_metrics_counter(reg, "qm_provisioning_expiry_notices_total",
+                                       "Expiry notices by webhook outcome (sent, failed, none).",
+                                       (const char *const[]){"outcome", NULL});
+  rc = prov_api_register(prov, errstr, errstr_size);
+  if (rc == QM_OK) rc = prov_workers_start(prov, errstr, errstr_size);
+  if (rc == QM_OK) rc = prov_scheduler_start(prov, errstr, errstr_size);
+  if (rc != QM_OK) {
+    prov_workers_stop(prov);
+    prov_connectors_free(prov);
     free(prov);
     return rc;
   }
@@ -205,17 +451,18 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
 
 static void stop(qm_service_t *svc, void *app) {
   QM_UNUSED(svc);
+  prov_scheduler_stop(app);
   prov_workers_stop(app);
 }
 
 static void fini(qm_service_t *svc, void *app) {
   QM_UNUSED(svc);
   prov_t *prov = app;
-  qm_scim_destroy(prov->scim);
+  prov_connectors_free(prov);
   free(prov);
 }
 
-static const char *const consumes[] = {QM_TOPIC_DECISIONS};
+static const char *const consumes[] = {QM_TOPIC_DECISIONS, QM_TOPIC_REQUESTS, QM_TOPIC_HR};
 
 int main(int argc, char **argv) {
   static const qm_service_def_t def = {
@@ -231,6 +478,7 @@ int main(int argc, char **argv) {
       .init = init,
       .stop = stop,
       .fini = fini,
+      .uses_redis = true,
   };
   return qm_service_main(argc, argv, &def);
 }

@@ -33,10 +33,13 @@ typedef struct grant_op {
   int attempts;
   char grant_id[40], request_id[40], person_id[130], username[260], item_id[130], role_id[130],
       grp[260], connector[130], traceparent[64];
+  char reason[64], dir_user_id[1024], dir_group_id[1024];
   int line_no;
   int duration_days;
   unsigned char *approved; /* packed RequestApproved */
   size_t approved_len;
+  unsigned char *actor; /* packed Actor of a revoke, or NULL */
+  size_t actor_len;
 } grant_op_t;
 
 typedef struct worker_ctx {
@@ -73,7 +76,9 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
       "  ORDER BY o1.next_attempt_at, o1.id LIMIT $2::int FOR UPDATE SKIP LOCKED)"
       " RETURNING o.id, o.op, o.attempts, g.grant_id, g.request_id, g.line_no, g.person_id,"
       " g.directory_username, g.item_id, g.role_id, g.grp, g.connector, g.duration_days,"
-      " g.approved, coalesce(g.traceparent, '') AS traceparent",
+      " g.approved, coalesce(g.traceparent, '') AS traceparent, coalesce(o.reason, '') AS reason,"
+      " o.actor, coalesce(g.directory_user_id, '') AS dir_user_id,"
+      " coalesce(g.directory_group_id, '') AS dir_group_id",
       p, 2, &res, errstr, sizeof(errstr));
   if (rc != QM_OK) {
     if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
@@ -102,7 +107,12 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
     copy_field(res, i, "grp", o->grp, sizeof(o->grp));
     copy_field(res, i, "connector", o->connector, sizeof(o->connector));
     copy_field(res, i, "traceparent", o->traceparent, sizeof(o->traceparent));
+    copy_field(res, i, "reason", o->reason, sizeof(o->reason));
+    copy_field(res, i, "dir_user_id", o->dir_user_id, sizeof(o->dir_user_id));
+    copy_field(res, i, "dir_group_id", o->dir_group_id, sizeof(o->dir_group_id));
     qm_pg_get_bytes(res, i, qm_pg_fnumber(res, "approved"), &o->approved, &o->approved_len);
+    if (!qm_pg_is_null(res, i, qm_pg_fnumber(res, "actor")))
+      qm_pg_get_bytes(res, i, qm_pg_fnumber(res, "actor"), &o->actor, &o->actor_len);
   }
   qm_pg_result_destroy(res);
   return n;
@@ -127,22 +137,29 @@ static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const 
     qm_pg_rollback(pg, NULL, 0);
     return QM_OK;
   }
-  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(user_id), QM_PG_TEXT(group_id)};
+  /* The clock of a time-bound grant starts now, when access is applied. */
+  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(user_id), QM_PG_TEXT(group_id),
+                        QM_PG_INT64(prov->day_ms)};
   rc = qm_pg_exec(pg,
                   "UPDATE grants SET state = 'active', directory_user_id = $2,"
                   " directory_group_id = $3, granted_at = now(),"
-                  " expires_at = CASE WHEN duration_days > 0"
-                  "  THEN now() + duration_days * interval '1 day' END, updated_at = now()"
+                  " expires_at = CASE WHEN duration_days > 0 THEN now()"
+                  "  + make_interval(secs => duration_days * ($4::bigint / 1000.0)) END,"
+                  " updated_at = now()"
                   " WHERE grant_id = $1 RETURNING"
                   " (extract(epoch FROM granted_at) * 1000)::bigint AS granted_ms,"
                   " coalesce((extract(epoch FROM expires_at) * 1000)::bigint, 0) AS expires_ms",
-                  p2, 3, &res, errstr, errstr_size);
+                  p2, 4, &res, errstr, errstr_size);
   if (rc != QM_OK) goto fail;
   Qm__V1__AccessGranted ag = QM__V1__ACCESS_GRANTED__INIT;
   qm_pg_get_int64(res, 0, 0, &ag.granted_at_ms);
   qm_pg_get_int64(res, 0, 1, &ag.expires_at_ms);
   qm_pg_result_destroy(res);
   res = NULL;
+  if (ag.expires_at_ms > 0) {
+    rc = prov_timers_arm(prov, pg, o->grant_id, ag.expires_at_ms, errstr, errstr_size);
+    if (rc != QM_OK) goto fail;
+  }
   Qm__V1__RequestApproved *ap =
       qm__v1__request_approved__unpack(NULL, o->approved_len, o->approved);
   ag.request_id = (char *)o->request_id;
@@ -167,9 +184,11 @@ static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const 
   if (ap) qm__v1__request_approved__free_unpacked(ap, NULL);
   if (rc != QM_OK) goto fail;
   rc = qm_pg_commit(pg, errstr, errstr_size);
-  if (rc == QM_OK)
+  if (rc == QM_OK) {
     qm_log(QM_LOG_INFO, o->request_id, NULL, "granted %s to %s (grant %s)", o->grp, o->person_id,
            o->grant_id);
+    qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){"grant", "done"}));
+  }
   return rc;
 fail:
   qm_pg_result_destroy(res);
@@ -194,10 +213,12 @@ static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cau
     int64_t backoff = qm_config_ms(cfg, "QM_PROVISIONING_BACKOFF");
     for (int i = 1; i < o->attempts && backoff < 3600000; i++) backoff *= 2;
     if (backoff > 3600000) backoff = 3600000;
+    backoff = backoff / 2 + (int64_t)((uint64_t)random() % (uint64_t)(backoff / 2 + 1)); /* jitter */
     qm_pg_param_t p[] = {QM_PG_INT64(o->id), QM_PG_INT64(backoff), QM_PG_TEXT(why)};
     qm_log(QM_LOG_WARN, o->request_id, NULL,
-           "grant %s: attempt %d of %d failed (%s); retrying in %lld ms", o->grant_id, o->attempts,
-           max, why, (long long)backoff);
+           "%s %s: attempt %d of %d failed (%s); retrying in %lld ms", o->op, o->grant_id,
+           o->attempts, max, why, (long long)backoff);
+    qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){o->op, "retried"}));
     return qm_pg_exec(pg,
                       "UPDATE grant_ops SET lease_until = NULL, last_error = $3,"
                       " next_attempt_at = now() + make_interval(secs => $2::bigint / 1000.0)"
@@ -219,10 +240,13 @@ static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cau
     qm_pg_rollback(pg, NULL, 0);
     return QM_OK;
   }
-  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id)};
-  rc = qm_pg_exec(pg, "UPDATE grants SET state = 'failed', updated_at = now() WHERE grant_id = $1",
-                  p2, 1, NULL, errstr, errstr_size);
-  if (rc != QM_OK) goto fail;
+  if (!strcmp(o->op, "grant")) { /* a failed revoke leaves the grant held */
+    qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id)};
+    rc = qm_pg_exec(pg,
+                    "UPDATE grants SET state = 'failed', updated_at = now() WHERE grant_id = $1",
+                    p2, 1, NULL, errstr, errstr_size);
+    if (rc != QM_OK) goto fail;
+  }
   char op_id[32];
   snprintf(op_id, sizeof(op_id), "%lld", (long long)o->id);
   Qm__V1__ProvisioningFailed pf = QM__V1__PROVISIONING_FAILED__INIT;
@@ -245,12 +269,104 @@ static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cau
   if (rc != QM_OK) goto fail;
   rc = qm_pg_commit(pg, errstr, errstr_size);
   if (rc == QM_OK)
+    qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){o->op, "parked"}));
+  if (rc == QM_OK)
     qm_log(QM_LOG_ERROR, o->request_id, NULL,
-           "grant %s of %s to %s parked after %d attempt(s): %s; fix the cause and retry it with "
+           "%s %s of %s to %s parked after %d attempt(s): %s; fix the cause and retry it with "
            "POST /v1/operations/%s/retry",
-           o->grant_id, o->grp, o->person_id, o->attempts, why, op_id);
+           o->op, o->grant_id, o->grp, o->person_id, o->attempts, why, op_id);
   return rc;
 fail:
+  qm_pg_rollback(pg, NULL, 0);
+  return rc;
+}
+
+/* Revoked: op done (once), grant revoked with its reason, AccessRevoked;
+ * and when it was a leaver's last, the leaver is complete and timed. */
+static int finish_revoked(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, char *errstr,
+                          size_t errstr_size) {
+  int rc = qm_pg_begin(pg, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t p1[] = {QM_PG_INT64(o->id)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(pg,
+                  "UPDATE grant_ops SET state = 'done', finished_at = now(), lease_until = NULL,"
+                  " last_error = NULL WHERE id = $1::bigint AND state = 'pending'",
+                  p1, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  int64_t won = qm_pg_affected(res);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (won == 0) {
+    qm_pg_rollback(pg, NULL, 0);
+    return QM_OK;
+  }
+  qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(o->reason)};
+  rc = qm_pg_exec(pg,
+                  "WITH old AS (SELECT state FROM grants WHERE grant_id = $1 FOR UPDATE)"
+                  " UPDATE grants g SET state = 'revoked', revoked_at = now(),"
+                  " revoke_reason = $2, updated_at = now() FROM old WHERE g.grant_id = $1"
+                  " RETURNING old.state, (extract(epoch FROM g.revoked_at) * 1000)::bigint",
+                  p2, 2, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
+  bool was_active = qm_pg_ntuples(res) == 1 && !strcmp(qm_pg_get(res, 0, 0), "active");
+  int64_t revoked_ms = 0;
+  if (qm_pg_ntuples(res) == 1) qm_pg_get_int64(res, 0, 1, &revoked_ms);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (was_active) { /* a grant never applied was never announced: nothing to take back */
+    Qm__V1__AccessRevoked ar = QM__V1__ACCESS_REVOKED__INIT;
+    ar.request_id = (char *)o->request_id;
+    ar.grant_id = (char *)o->grant_id;
+    ar.subject_person_id = (char *)o->person_id;
+    ar.item_id = (char *)o->item_id;
+    ar.role_id = (char *)o->role_id;
+    ar.group = (char *)o->grp;
+    ar.connector = (char *)o->connector;
+    ar.reason = (char *)o->reason;
+    ar.revoked_at_ms = revoked_ms;
+    Qm__V1__Actor *actor = o->actor ? qm__v1__actor__unpack(NULL, o->actor_len, o->actor) : NULL;
+    Qm__V1__Actor svc_actor = QM__V1__ACTOR__INIT;
+    svc_actor.service = (char *)"provisioning";
+    ar.actor = actor ? actor : &svc_actor;
+    Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
+    ae.event_case = QM__V1__ACCESS_EVENT__EVENT_REVOKED;
+    ae.revoked = &ar;
+    rc = qm_service_emit(prov->svc, pg, QM_TOPIC_ACCESS, o->person_id, "qm.access.revoked.v1",
+                         o->request_id, o->traceparent, &ae.base, NULL, errstr, errstr_size);
+    if (actor) qm__v1__actor__free_unpacked(actor, NULL);
+    if (rc != QM_OK) goto fail;
+  }
+  double leaver_s = -1;
+  if (!strcmp(o->reason, "leaver")) {
+    qm_pg_param_t p3[] = {QM_PG_TEXT(o->person_id)};
+    rc = qm_pg_exec(pg,
+                    "UPDATE leavers SET completed_at = clock_timestamp()"
+                    " WHERE person_id = $1 AND started_at IS NOT NULL AND completed_at IS NULL"
+                    " AND NOT EXISTS (SELECT 1 FROM grant_ops WHERE person_id = $1"
+                    "  AND op = 'revoke' AND reason = 'leaver' AND state = 'pending')"
+                    " RETURNING extract(epoch FROM completed_at - received_at)::float8, grants",
+                    p3, 1, &res, errstr, errstr_size);
+    if (rc != QM_OK) goto fail;
+    if (qm_pg_ntuples(res) > 0) leaver_s = strtod(qm_pg_get(res, 0, 0), NULL);
+    qm_pg_result_destroy(res);
+    res = NULL;
+  }
+  rc = qm_pg_commit(pg, errstr, errstr_size);
+  if (rc == QM_OK) {
+    qm_log(QM_LOG_INFO, o->request_id, NULL, "revoked %s from %s (grant %s, %s)", o->grp,
+           o->person_id, o->grant_id, o->reason);
+    qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){"revoke", "done"}));
+    if (leaver_s >= 0) {
+      qm_log(QM_LOG_INFO, NULL, NULL,
+             "leaver %s deprovisioned: every grant revoked %.3f s after the HR event arrived",
+             o->person_id, leaver_s);
+      qm_metrics_observe(qm_metrics_child(prov->m_leaver, NULL), leaver_s);
+    }
+  }
+  return rc;
+fail:
+  qm_pg_result_destroy(res);
   qm_pg_rollback(pg, NULL, 0);
   return rc;
 }
@@ -258,84 +374,102 @@ fail:
 /* Applies one claimed operation to the directory and records the outcome. */
 static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
   char why[512] = "";
-  char user_id[256] = "", group_id[256] = "";
+  char user_id[1024] = "", group_id[1024] = "";
   int rc;
-  if (strcmp(o->connector, "scim-main") != 0) {
-    rc = qm_err(why, sizeof(why), QM_EINVAL, "unknown connector '%s' (configured: scim-main)",
-                o->connector);
-  } else if (strcmp(o->op, "grant") != 0) {
-    rc = qm_err(why, sizeof(why), QM_EINVAL, "operation '%s' is not supported yet", o->op);
+  prov_conn_t *c = prov_conn_find(prov, o->connector);
+  bool revoke = !strcmp(o->op, "revoke");
+  if (!c) {
+    rc = qm_err(why, sizeof(why), QM_EINVAL,
+                "unknown connector '%s' (configure it in QM_CONNECTORS_FILE)", o->connector);
   } else {
     /* Ids are cached; a directory that re-keyed a user or group (deleted and
      * re-created it) refuses the stale id, so a refusal gets one more try
      * with fresh lookups before it counts. */
     for (int round = 0; round < 2; round++) {
-      rc = qm_scim_find_user(prov->scim, o->username, user_id, sizeof(user_id), why, sizeof(why));
+      rc = prov_conn_find_user(c, o->username, user_id, sizeof(user_id), why, sizeof(why));
       if (rc == QM_OK)
-        rc = qm_scim_find_group(prov->scim, o->grp, group_id, sizeof(group_id), why, sizeof(why));
-      if (rc == QM_OK) rc = qm_scim_add_member(prov->scim, group_id, user_id, why, sizeof(why));
+        rc = prov_conn_find_group(c, o->grp, group_id, sizeof(group_id), why, sizeof(why));
+      if (revoke && rc == QM_ENOTFOUND) { /* no such user or group: not a member */
+        rc = QM_OK;
+        break;
+      }
+      if (rc == QM_OK) {
+        const char *ids[] = {user_id};
+        rc = revoke ? prov_conn_remove(c, group_id, user_id, why, sizeof(why))
+                    : prov_conn_add(c, group_id, ids, 1, why, sizeof(why));
+      }
       if (rc != QM_EINVAL && rc != QM_ENOTFOUND) break;
       if (round == 0) {
         qm_log(QM_LOG_WARN, o->request_id, NULL,
-               "grant %s: directory refused (%s); looking the ids up again", o->grant_id, why);
-        qm_scim_cache_clear(prov->scim);
+               "%s %s: directory refused (%s); looking the ids up again", o->op, o->grant_id, why);
+        prov_conn_cache_clear(c);
       }
     }
   }
   char errstr[512] = "";
-  int frc = rc == QM_OK ? finish_granted(prov, pg, o, user_id, group_id, errstr, sizeof(errstr))
-                        : finish_failed(prov, pg, o, rc, why, errstr, sizeof(errstr));
+  int frc;
+  if (rc != QM_OK) frc = finish_failed(prov, pg, o, rc, why, errstr, sizeof(errstr));
+  else if (revoke) frc = finish_revoked(prov, pg, o, errstr, sizeof(errstr));
+  else frc = finish_granted(prov, pg, o, user_id, group_id, errstr, sizeof(errstr));
   if (frc != QM_OK) {
     /* The lease runs out and another attempt repeats the idempotent call. */
     qm_log(QM_LOG_WARN, o->request_id, NULL,
-           "recording the outcome of grant %s failed (%s); it will be retried after its lease",
-           o->grant_id, errstr);
+           "recording the outcome of %s %s failed (%s); it will be retried after its lease",
+           o->op, o->grant_id, errstr);
     if (frc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
   }
 }
 
-/* Applies a claimed batch. Grants bound for the same group go to the
- * directory in one PATCH (directories cost per request far more than per
- * member); whatever that cannot settle — a lookup or the PATCH failing —
- * takes the one-by-one path of apply_op(), which owns retries and parking. */
+/* Applies a claimed batch. Grants bound for the same group of the same
+ * connector go to the directory in one request (directories cost per request
+ * far more than per member); whatever that cannot settle — a lookup or the
+ * request failing — takes the one-by-one path of apply_op(), which owns
+ * retries and parking. */
 static void apply_claimed(prov_t *prov, qm_pg_t *pg, const grant_op_t *ops, int n) {
   bool done[CLAIM_BATCH] = {false};
-  static __thread char uids[CLAIM_BATCH][256];
+  static __thread char uids[CLAIM_BATCH][1024];
   for (int i = 0; i < n; i++) {
-    if (done[i] || strcmp(ops[i].op, "grant") || strcmp(ops[i].connector, "scim-main")) continue;
-    char group_id[256], why[512];
-    if (qm_scim_find_group(prov->scim, ops[i].grp, group_id, sizeof(group_id), why, sizeof(why)) != QM_OK)
-      continue;
+    if (done[i] || strcmp(ops[i].op, "grant")) continue;
+    prov_conn_t *c = prov_conn_find(prov, ops[i].connector);
+    if (!c) continue;
+    char group_id[1024], why[512];
     int idx[CLAIM_BATCH], m = 0;
     const char *ids[CLAIM_BATCH];
     for (int j = i; j < n; j++) {
-      if (done[j] || strcmp(ops[j].op, "grant") || strcmp(ops[j].connector, "scim-main") ||
+      if (done[j] || strcmp(ops[j].op, "grant") || strcmp(ops[j].connector, ops[i].connector) ||
           strcmp(ops[j].grp, ops[i].grp))
         continue;
-      if (qm_scim_find_user(prov->scim, ops[j].username, uids[m], sizeof(uids[m]), why,
-                            sizeof(why)) != QM_OK)
-        continue;
-      idx[m] = j;
-      ids[m] = uids[m];
-      m++;
+      idx[m++] = j;
     }
     if (m < 2) continue;
-    if (qm_scim_add_members(prov->scim, group_id, ids, (size_t)m, why, sizeof(why)) != QM_OK) {
-      qm_log_warn("adding %d members to %s in one request failed (%s); trying them one by one", m,
+    if (prov_conn_find_group(c, ops[i].grp, group_id, sizeof(group_id), why, sizeof(why)) != QM_OK)
+      continue;
+    int k = 0;
+    for (int x = 0; x < m; x++) {
+      if (prov_conn_find_user(c, ops[idx[x]].username, uids[k], sizeof(uids[k]), why,
+                              sizeof(why)) != QM_OK)
+        continue;
+      idx[k] = idx[x];
+      ids[k] = uids[k];
+      k++;
+    }
+    if (k < 2) continue;
+    if (prov_conn_add(c, group_id, ids, (size_t)k, why, sizeof(why)) != QM_OK) {
+      qm_log_warn("adding %d members to %s in one request failed (%s); trying them one by one", k,
                   ops[i].grp, why);
       continue;
     }
-    for (int k = 0; k < m; k++) {
+    for (int x = 0; x < k; x++) {
       char errstr[512] = "";
-      const grant_op_t *o = &ops[idx[k]];
-      int rc = finish_granted(prov, pg, o, uids[k], group_id, errstr, sizeof(errstr));
+      const grant_op_t *o = &ops[idx[x]];
+      int rc = finish_granted(prov, pg, o, uids[x], group_id, errstr, sizeof(errstr));
       if (rc != QM_OK) {
         qm_log(QM_LOG_WARN, o->request_id, NULL,
                "recording the outcome of grant %s failed (%s); it will be retried after its lease",
                o->grant_id, errstr);
         if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
       }
-      done[idx[k]] = true;
+      done[idx[x]] = true;
     }
   }
   for (int i = 0; i < n; i++) {
@@ -370,7 +504,10 @@ static void *worker_main(void *arg) {
   while (pg && !atomic_load(&prov->stopping) && !qm_shutdown_requested()) {
     int n = claim(prov, pg, ops);
     if (n > 0) apply_claimed(prov, pg, ops, n);
-    for (int i = 0; i < n; i++) free(ops[i].approved);
+    for (int i = 0; i < n; i++) {
+      free(ops[i].approved);
+      free(ops[i].actor);
+    }
     if (n <= 0) {
       int64_t until = qm_mono_ms() + poll;
       while (qm_mono_ms() < until && !atomic_load(&prov->stopping) && !qm_shutdown_requested())
