@@ -11,6 +11,8 @@
 //   QM_SCIM_SEED            JSON seed file              (none)
 //   QM_SCIM_STRICT_MEMBERS  1 = group members must be existing User/Group ids,
 //                           as real servers demand; 0 = accept any value (1)
+//   QM_SCIM_FAULTS          1 = enable POST /_fault (fault injection for tests;
+//                           never in a shared stack) (0)
 //
 // Endpoints: /healthz (no auth) and, under /scim/v2: Users, Groups, Schemas,
 // ResourceTypes, ServiceProviderConfig, .search, Bulk.
@@ -25,6 +27,7 @@ const PORT = Number(process.env.QM_SCIM_PORT || 8090);
 const TOKEN = process.env.QM_SCIM_TOKEN || "dev-scim-token";
 const SEED = process.env.QM_SCIM_SEED || "";
 const STRICT_MEMBERS = (process.env.QM_SCIM_STRICT_MEMBERS ?? "1") !== "0";
+const FAULTS = process.env.QM_SCIM_FAULTS === "1";
 const BASE = "/scim/v2";
 
 const users = new Map();   // id -> stored User (plain JSON)
@@ -216,6 +219,68 @@ app.use((req, res, next) => {
 
 app.get("/healthz", (req, res) => res.status(200).json({status: "ok", users: users.size, groups: groups.size}));
 
+// ---------------------------------------------------------------- faults (tests only)
+// POST /_fault {"mode": "status", "status": 500|429|503, "retry_after": <s>, "count": <n>,
+//               "methods": ["PATCH"], "path_prefix": "/scim/v2/Groups"}
+//   answer the next <n> matching requests (-1: all until cleared) with that status
+//   (429/503 with Retry-After when given) without applying them;
+// POST /_fault {"mode": "hang", "delay_ms": <ms>, "count": <n>, ...}
+//   hold matching requests for delay_ms, then drop the connection, applying nothing;
+// POST /_fault {"mode": "down", "down_ms": <ms>}
+//   stop listening and cut every open connection, listen again after down_ms;
+// POST /_fault {"mode": "none"} clears. GET /_fault shows the fault and counts.
+let fault = {mode: "none"};
+const faultStats = {injected: 0, requests: 0};
+const sockets = new Set();
+let server;
+if (FAULTS) {
+    app.post("/_fault", express.json(), (req, res) => {
+        const f = req.body ?? {};
+        if (!["none", "status", "hang", "down"].includes(f.mode))
+            return res.status(400).json({detail: "mode must be none, status, hang or down"});
+        if (f.mode === "down") {
+            const ms = Number(f.down_ms ?? 2000);
+            res.status(200).json({mode: "down", down_ms: ms});
+            res.on("finish", () => setImmediate(() => {
+                console.log(`[scim] fault: down for ${ms} ms`);
+                server.close();
+                for (const s of sockets) s.destroy();
+                setTimeout(() => {
+                    server = app.listen(PORT, HOST, () => console.log("[scim] fault: listening again"));
+                    server.on("connection", trackSocket);
+                }, ms);
+            }));
+            return;
+        }
+        fault = {count: -1, methods: null, path_prefix: BASE, ...f};
+        faultStats.injected = 0;
+        console.log(`[scim] fault set: ${JSON.stringify(fault)}`);
+        res.status(200).json(fault);
+    });
+    app.get("/_fault", (req, res) => res.status(200).json({fault, ...faultStats}));
+    app.use((req, res, next) => {
+        if (fault.mode === "none" || !req.originalUrl.startsWith(fault.path_prefix ?? BASE)) return next();
+        if (fault.methods && !fault.methods.includes(req.method)) return next();
+        faultStats.requests++;
+        if (fault.count === 0) return next();
+        if (fault.count > 0) fault.count--;
+        faultStats.injected++;
+        if (fault.mode === "hang") {
+            setTimeout(() => req.socket.destroy(), Number(fault.delay_ms ?? 30000));
+            return;
+        }
+        if (fault.retry_after !== undefined) res.set("Retry-After", String(fault.retry_after));
+        res.status(Number(fault.status ?? 500)).type("application/scim+json").send({
+            schemas: ["urn:ietf:params:scim:api:messages:2.0:Error"], status: String(fault.status ?? 500),
+            detail: "injected fault",
+        });
+    });
+}
+function trackSocket(s) {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+}
+
 app.use(BASE, new SCIMMYRouters({
     type: "bearer",
     handler: (req) => {
@@ -245,9 +310,13 @@ if (SEED) {
     }
 }
 
-const server = app.listen(PORT, HOST, () => console.log(`[scim] listening on http://${HOST}:${PORT}${BASE} (bearer token required)`));
+server = app.listen(PORT, HOST, () => console.log(`[scim] listening on http://${HOST}:${PORT}${BASE} (bearer token required)`));
+server.on("connection", trackSocket);
 server.on("error", (ex) => {
     console.error(`[scim] ${ex.message}`);
     process.exit(1);
 });
-for (const sig of ["SIGTERM", "SIGINT"]) process.on(sig, () => server.close(() => process.exit(0)));
+for (const sig of ["SIGTERM", "SIGINT"]) process.on(sig, () => {
+    for (const s of sockets) s.destroy();
+    server.close(() => process.exit(0));
+});
