@@ -26,6 +26,8 @@
 #include "qm_log.h"
 #include "qm_topics.h"
 
+#include "qm/v1/access.pb-c.h"
+#include "qm/v1/decisions.pb-c.h"
 #include "qm/v1/hr.pb-c.h"
 #include "qm/v1/requests.pb-c.h"
 
@@ -1177,6 +1179,7 @@ static void scim_start(it_stack_t *st) {
   env_set(&env, "QM_SCIM_PORT", port);
   env_set(&env, "QM_SCIM_SEED", QM_SOURCE_DIR "/deploy/local/seed/scim-seed.json");
   env_set(&env, "QM_SCIM_TOKEN", IT_SCIM_TOKEN);
+  env_set(&env, "QM_SCIM_FAULTS", "1"); /* POST /_fault, for it_scim_fault() */
   char *argv[] = {node, QM_SOURCE_DIR "/deploy/local/scim/server.js", NULL};
   append_line(st->scim_log, "=== it harness: private SCIM peer on 127.0.0.1:%d ===", st->scim_port);
   st->scim_pid = spawn_logged(node, argv, env.v, st->scim_log);
@@ -1399,30 +1402,35 @@ void it_hr_publish(it_stack_t *st, const it_hr_event_t *ev) {
   size_t len = qm__v1__hr_event__get_packed_size(&he);
   uint8_t *buf = qm_malloc(len ? len : 1);
   qm__v1__hr_event__pack(&he, buf);
-  char *topic = it_topic(st, QM_TOPIC_HR);
+  it_publish(st, QM_TOPIC_HR, ip->id, "hr-test", kinds[k].type, ip->id, buf, len);
+  it_note(st, "HR %s published for %s (effective %s, source %s/%s)", ev->kind, ip->id,
+          he.effective_date, he.source, he.source_event_id);
+  free(buf);
+}
+
+void it_publish(it_stack_t *st, const char *base_topic, const char *key, const char *source,
+                const char *type, const char *subject, const void *payload, size_t len) {
+  char *topic = it_topic(st, base_topic);
   qm_event_out_t out;
   memset(&out, 0, sizeof(out));
   out.topic = topic;
-  out.key = ip->id;
-  out.key_len = strlen(ip->id);
-  qm_event_meta_init(&out.meta, "hr-test", kinds[k].type, ip->id, NULL);
-  out.payload = buf;
+  out.key = key;
+  out.key_len = strlen(key);
+  qm_event_meta_init(&out.meta, source, type, subject, NULL);
+  out.payload = payload;
   out.payload_len = len;
   char errstr[512] = "";
   int rc;
   if (!st->hr_prod) {
     rc = qm_producer_new(IT_BROKERS, "it-hr", NULL, 0, NULL, NULL, &st->hr_prod, errstr,
                          sizeof(errstr));
-    cr_assert_eq(rc, QM_OK, "it_hr_publish: qm_producer_new: %s", errstr);
+    cr_assert_eq(rc, QM_OK, "it_publish: qm_producer_new: %s", errstr);
   }
   int result = 0;
   rc = qm_producer_send_batch(st->hr_prod, &out, 1, 15000, &result, errstr, sizeof(errstr));
-  cr_assert(rc == QM_OK && result == QM_OK, "it_hr_publish: producing %s for %s to %s: %s (%d)",
-            kinds[k].type, ip->id, topic, errstr, result);
-  it_note(st, "HR %s published for %s (effective %s, source %s/%s)", ev->kind, ip->id,
-          he.effective_date, he.source, he.source_event_id);
+  cr_assert(rc == QM_OK && result == QM_OK, "it_publish: producing %s for %s to %s: %s (%d)",
+            type, key, topic, errstr, result);
   free(topic);
-  free(buf);
 }
 
 /* ------------------------------------------------------------ topic reader */
@@ -1431,6 +1439,7 @@ struct it_reader {
   it_stack_t *st;
   char *topic;
   bool requests; /* decode qm.v1.RequestEvent */
+  bool access;   /* decode qm.v1.AccessEvent */
   qm_consumer_t *cons;
   json_t *events;
 };
@@ -1440,6 +1449,7 @@ it_reader_t *it_reader_open(it_stack_t *st, const char *base_topic) {
   rd->st = st;
   rd->topic = it_topic(st, base_topic);
   rd->requests = !strcmp(base_topic, QM_TOPIC_REQUESTS);
+  rd->access = !strcmp(base_topic, QM_TOPIC_ACCESS);
   rd->events = json_array();
   char u[QM_UUID_STR_LEN];
   qm_uuid_new(u);
@@ -1501,6 +1511,64 @@ static json_t *decode_request_event(const qm_event_in_t *ev, json_t *o) {
   return o;
 }
 
+static void decode_access_event(const qm_event_in_t *ev, json_t *o) {
+  Qm__V1__AccessEvent *ae = qm__v1__access_event__unpack(NULL, ev->payload_len, ev->payload);
+  if (!ae) {
+    json_object_set_new(o, "event", json_string("undecodable"));
+    return;
+  }
+  switch (ae->event_case) {
+  case QM__V1__ACCESS_EVENT__EVENT_GRANTED: {
+    const Qm__V1__AccessGranted *m = ae->granted;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:b}", "event",
+                           "granted", "request_id", m->request_id, "grant_id", m->grant_id,
+                           "subject_person_id", m->subject_person_id, "item_id", m->item_id,
+                           "role_id", m->role_id, "group", m->group, "connector", m->connector,
+                           "granted_at_ms", (json_int_t)m->granted_at_ms, "expires_at_ms",
+                           (json_int_t)m->expires_at_ms, "extension", (int)m->extension));
+    break;
+  }
+  case QM__V1__ACCESS_EVENT__EVENT_REVOKED: {
+    const Qm__V1__AccessRevoked *m = ae->revoked;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}", "event",
+                           "revoked", "request_id", m->request_id, "grant_id", m->grant_id,
+                           "subject_person_id", m->subject_person_id, "item_id", m->item_id,
+                           "role_id", m->role_id, "group", m->group, "connector", m->connector,
+                           "reason", m->reason, "actor_person_id",
+                           m->actor ? m->actor->person_id : ""));
+    break;
+  }
+  case QM__V1__ACCESS_EVENT__EVENT_FAILED: {
+    const Qm__V1__ProvisioningFailed *m = ae->failed;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:i, s:b}", "event", "failed",
+                           "request_id", m->request_id, "subject_person_id", m->subject_person_id,
+                           "operation", m->operation, "group", m->group, "operation_id",
+                           m->operation_id, "error", m->error, "attempts", (int)m->attempts,
+                           "retryable", (int)m->retryable));
+    break;
+  }
+  case QM__V1__ACCESS_EVENT__EVENT_EXPIRY_NOTICE: {
+    const Qm__V1__ExpiryNotice *m = ae->expiry_notice;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:I}", "event", "expiry_notice", "request_id",
+                           m->request_id, "grant_id", m->grant_id, "subject_person_id",
+                           m->subject_person_id, "expires_at_ms", (json_int_t)m->expires_at_ms));
+    break;
+  }
+  case QM__V1__ACCESS_EVENT__EVENT_DRIFT: {
+    const Qm__V1__DriftDetected *m = ae->drift;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:b}", "event", "drift", "group",
+                           m->group, "connector", m->connector, "finding", m->finding,
+                           "directory_user_id", m->directory_user_id, "subject_person_id",
+                           m->subject_person_id, "grant_id", m->grant_id, "repaired",
+                           (int)m->repaired));
+    break;
+  }
+  default:
+    json_object_set_new(o, "event", json_string("not_set"));
+  }
+  qm__v1__access_event__free_unpacked(ae, NULL);
+}
+
 size_t it_reader_poll(it_reader_t *rd, int wait_ms) {
   size_t added = 0;
   int wait = wait_ms;
@@ -1517,6 +1585,7 @@ size_t it_reader_poll(it_reader_t *rd, int wait_ms) {
                             ev->key ? ev->key_len : (size_t)0);
       json_object_set_new(o, "ce_subject", json_string(ev->meta_valid ? ev->meta.subject : ""));
       if (rd->requests) decode_request_event(ev, o);
+      if (rd->access) decode_access_event(ev, o);
       json_array_append_new(rd->events, o);
       qm_kmsg_destroy(msgs[i]);
       added++;
@@ -1696,4 +1765,282 @@ json_t *it_case_wait_status(it_cases_t *cs, it_stack_t *st, const char *token, c
   json_t *j = json_incref(r.json);
   it_resp_clear(&r);
   return j;
+}
+
+/* ------------------------------------------------------------ SCIM faults */
+
+void it_scim_fault(it_stack_t *st, const char *json_body) {
+  char url[128];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d/_fault", st->scim_port);
+  it_resp_t r;
+  http_do("POST", url, NULL, json_body, NULL, &r);
+  cr_assert(r.status == 200, "SCIM fault %s: %ld %s", json_body, r.status, r.body);
+  it_resp_clear(&r);
+  it_note(st, "SCIM peer fault: %s", json_body);
+}
+
+/* ------------------------------------------------------------ slapd */
+
+struct it_slapd {
+  char dir[PATH_MAX];
+  char conf[PATH_MAX + 16];
+  char log[PATH_MAX + 16];
+  char url[64];
+  int port;
+  pid_t pid;
+};
+
+/* Runs an ldap-utils command with input on stdin from a file; fails the test
+ * with its output when it exits non-zero. Returns stdout (caller frees). */
+static char *ldap_tool(const char *const *argv, const char *what) {
+  char *out = NULL, *err = NULL;
+  int rc = it_run(argv, NULL, 30000, &out, &err);
+  cr_assert(rc == 0, "%s (%s) exited %d: %s %s", what, argv[0], rc, out ? out : "",
+            err ? err : "");
+  free(err);
+  return out;
+}
+
+it_slapd_t *it_slapd_start(const char *const *groups, int n_users) {
+  it_slapd_t *sl = qm_calloc(1, sizeof(*sl));
+  snprintf(sl->dir, sizeof(sl->dir), "/tmp/qm-it-slapd-XXXXXX");
+  cr_assert(mkdtemp(sl->dir) != NULL, "mkdtemp: %s", strerror(errno));
+  char db[PATH_MAX + 8];
+  snprintf(db, sizeof(db), "%s/db", sl->dir);
+  cr_assert(mkdir(db, 0700) == 0, "mkdir %s: %s", db, strerror(errno));
+  snprintf(sl->conf, sizeof(sl->conf), "%s/slapd.conf", sl->dir);
+  snprintf(sl->log, sizeof(sl->log), "%s/slapd.log", sl->dir);
+  char *conf = qm_asprintf(
+      "include /etc/ldap/schema/core.schema\n"
+      "include /etc/ldap/schema/cosine.schema\n"
+      "include /etc/ldap/schema/inetorgperson.schema\n"
+      "include /etc/ldap/schema/nis.schema\n"
+      "pidfile %s/slapd.pid\nargsfile %s/slapd.args\n"
+      "modulepath /usr/lib/ldap\nmoduleload back_mdb\n"
+      "database mdb\nmaxsize 268435456\nsuffix \"" IT_LDAP_BASE "\"\n"
+      "rootdn \"" IT_LDAP_ADMIN "\"\nrootpw " IT_LDAP_PASSWORD "\n"
+      "directory %s\nindex objectClass eq\nindex uid eq\nindex cn eq\n",
+      sl->dir, sl->dir, db);
+  it_file_write(sl->dir, "slapd.conf", conf);
+  free(conf);
+  /* The seed: people p-0001.. and groupOfNames holding only the placeholder. */
+  size_t cap = 4096 + (size_t)n_users * 256, len = 0;
+  char *ldif = qm_malloc(cap);
+  len += (size_t)snprintf(ldif + len, cap - len,
+                          "dn: " IT_LDAP_BASE "\nobjectClass: dcObject\nobjectClass: organization\n"
+                          "dc: qm\no: Quartermaster tests\n\n"
+                          "dn: ou=people," IT_LDAP_BASE "\nobjectClass: organizationalUnit\nou: people\n\n"
+                          "dn: ou=groups," IT_LDAP_BASE "\nobjectClass: organizationalUnit\nou: groups\n\n");
+  for (int i = 1; i <= n_users; i++)
+    len += (size_t)snprintf(ldif + len, cap - len,
+                            "dn: uid=p-%04d,ou=people," IT_LDAP_BASE "\nobjectClass: inetOrgPerson\n"
+                            "uid: p-%04d\ncn: Person %04d\nsn: %04d\n\n",
+                            i, i, i, i);
+  for (size_t g = 0; groups && groups[g]; g++) {
+    if (len + 512 > cap) {
+      cap *= 2;
+      ldif = qm_realloc(ldif, cap);
+    }
+    len += (size_t)snprintf(ldif + len, cap - len,
+                            "dn: cn=%s,ou=groups," IT_LDAP_BASE "\nobjectClass: groupOfNames\n"
+                            "cn: %s\nmember: " IT_LDAP_PLACEHOLDER "\n\n",
+                            groups[g], groups[g]);
+  }
+  it_file_write(sl->dir, "seed.ldif", ldif);
+  free(ldif);
+  char seed[PATH_MAX + 16];
+  snprintf(seed, sizeof(seed), "%s/seed.ldif", sl->dir);
+  const char *add[] = {"/usr/sbin/slapadd", "-q", "-f", sl->conf, "-l", seed, NULL};
+  free(ldap_tool(add, "seeding slapd"));
+  sl->port = free_port(NULL, 0);
+  snprintf(sl->url, sizeof(sl->url), "ldap://127.0.0.1:%d", sl->port);
+  char listen[96];
+  snprintf(listen, sizeof(listen), "ldap://127.0.0.1:%d/", sl->port);
+  /* -d 0: stay in the foreground, so the harness owns (and reaps) it. */
+  char *argv[] = {(char *)"/usr/sbin/slapd", (char *)"-d", (char *)"0", (char *)"-f", sl->conf,
+                  (char *)"-h", listen, NULL};
+  char *envp[] = {NULL};
+  sl->pid = spawn_logged("/usr/sbin/slapd", argv, envp, sl->log);
+  int64_t deadline = it_now_ms() + 20000;
+  for (;;) {
+    if (wait_exit(sl->pid, 0) != -2) {
+      char *tail = read_file(sl->log, NULL);
+      cr_assert_fail("slapd exited during start-up: %s", tail ? tail : "");
+    }
+    const char *probe[] = {"/usr/bin/ldapsearch", "-x", "-H", sl->url, "-D", IT_LDAP_ADMIN,
+                           "-w", IT_LDAP_PASSWORD, "-b", IT_LDAP_BASE, "-s", "base", "-LLL",
+                           "dn", NULL};
+    char *out = NULL, *err = NULL;
+    int rc = it_run(probe, NULL, 5000, &out, &err);
+    free(out);
+    free(err);
+    if (rc == 0) break;
+    cr_assert(it_now_ms() < deadline, "slapd did not answer on %s within 20 s", sl->url);
+    it_sleep_ms(100);
+  }
+  fprintf(stderr, "[it] slapd ready on %s (pid %d, %d users, dir %s)\n", sl->url, (int)sl->pid,
+          n_users, sl->dir);
+  return sl;
+}
+
+const char *it_slapd_url(const it_slapd_t *sl) { return sl->url; }
+
+char *it_slapd_connector_json(const it_slapd_t *sl) {
+  return qm_asprintf("{\"type\": \"ldap\", \"url\": \"%s\", \"bind_dn\": \"" IT_LDAP_ADMIN "\","
+                     " \"bind_password\": \"" IT_LDAP_PASSWORD "\","
+                     " \"user_base\": \"ou=people," IT_LDAP_BASE "\", \"user_attr\": \"uid\","
+                     " \"group_base\": \"ou=groups," IT_LDAP_BASE "\", \"group_attr\": \"cn\","
+                     " \"member_attr\": \"member\", \"placeholder_dn\": \"" IT_LDAP_PLACEHOLDER
+                     "\", \"timeout_ms\": 5000}",
+                     sl->url);
+}
+
+json_t *it_slapd_members(it_slapd_t *sl, const char *group) {
+  char base[512];
+  snprintf(base, sizeof(base), "cn=%s,ou=groups," IT_LDAP_BASE, group);
+  const char *argv[] = {"/usr/bin/ldapsearch", "-x", "-H", sl->url, "-D", IT_LDAP_ADMIN, "-w",
+                        IT_LDAP_PASSWORD, "-o", "ldif-wrap=no", "-b", base, "-s", "base", "-LLL",
+                        "member", NULL};
+  char *out = ldap_tool(argv, "listing LDAP members");
+  json_t *set = json_object();
+  const char *p = out;
+  while (p && *p) {
+    const char *nl = strchr(p, '\n');
+    size_t n = nl ? (size_t)(nl - p) : strlen(p);
+    if (n > 8 && !strncasecmp(p, "member: ", 8)) {
+      char *dn = qm_strndup(p + 8, n - 8);
+      /* uid=p-0001,ou=people,... -> "p-0001"; anything else (the placeholder) as its DN */
+      if (!strncasecmp(dn, "uid=", 4) && strchr(dn, ',')) {
+        char *uid = qm_strndup(dn + 4, (size_t)(strchr(dn, ',') - dn - 4));
+        json_object_set_new(set, uid, json_true());
+        free(uid);
+      } else {
+        json_object_set_new(set, dn, json_true());
+      }
+      free(dn);
+    }
+    p = nl ? nl + 1 : NULL;
+  }
+  free(out);
+  return set;
+}
+
+void it_slapd_modify(it_slapd_t *sl, const char *group, const char *op, const char *uid) {
+  char *ldif = qm_asprintf("dn: cn=%s,ou=groups," IT_LDAP_BASE "\nchangetype: modify\n%s: member\n"
+                           "member: uid=%s,ou=people," IT_LDAP_BASE "\n",
+                           group, op, uid);
+  it_file_write(sl->dir, "modify.ldif", ldif);
+  free(ldif);
+  char path[PATH_MAX + 16];
+  snprintf(path, sizeof(path), "%s/modify.ldif", sl->dir);
+  const char *argv[] = {"/usr/bin/ldapmodify", "-x", "-H", sl->url, "-D", IT_LDAP_ADMIN, "-w",
+                        IT_LDAP_PASSWORD, "-f", path, NULL};
+  free(ldap_tool(argv, "modifying an LDAP group"));
+}
+
+void it_slapd_stop(it_slapd_t *sl) {
+  if (!sl) return;
+  if (sl->pid > 0) stop_pid(sl->pid, 5000);
+  char db[PATH_MAX + 8];
+  snprintf(db, sizeof(db), "%s/db", sl->dir);
+  it_dir_remove(db);
+  it_dir_remove(sl->dir);
+  free(sl);
+}
+
+/* The SCIM id of the first resource matching filter attr eq "value". */
+static char *scim_id_of(it_stack_t *st, const char *resource, const char *attr, const char *value) {
+  char *q = qm_asprintf("/%s?filter=%s%%20eq%%20%%22%s%%22", resource, attr, value);
+  json_t *list = scim_get(st, q);
+  free(q);
+  json_t *res = json_object_get(list, "Resources");
+  cr_assert(json_array_size(res) == 1, "SCIM %s with %s '%s': expected one, got %zu", resource,
+            attr, value, json_array_size(res));
+  char *id = qm_strdup(json_string_value(json_object_get(json_array_get(res, 0), "id")));
+  json_decref(list);
+  return id;
+}
+
+void it_scim_member_set(it_stack_t *st, const char *group, const char *user_name, bool member) {
+  char *gid = scim_id_of(st, "Groups", "displayName", group);
+  char *uid = scim_id_of(st, "Users", "userName", user_name);
+  char *body = member
+                   ? qm_asprintf("{\"schemas\":[\"urn:ietf:params:scim:api:messages:2.0:PatchOp\"],"
+                                 "\"Operations\":[{\"op\":\"add\",\"path\":\"members\","
+                                 "\"value\":[{\"value\":\"%s\"}]}]}",
+                                 uid)
+                   : qm_asprintf("{\"schemas\":[\"urn:ietf:params:scim:api:messages:2.0:PatchOp\"],"
+                                 "\"Operations\":[{\"op\":\"remove\","
+                                 "\"path\":\"members[value eq \\\"%s\\\"]\"}]}",
+                                 uid);
+  char url[256];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d/scim/v2/Groups/%s", st->scim_port, gid);
+  it_resp_t r;
+  http_do("PATCH", url, IT_SCIM_TOKEN, body, NULL, &r);
+  cr_assert(r.status == 200 || r.status == 204, "SCIM PATCH %s (%s %s): %ld %s", group,
+            member ? "add" : "remove", user_name, r.status, r.body);
+  it_resp_clear(&r);
+  free(body);
+  free(gid);
+  free(uid);
+}
+
+/* ------------------------------------------------------------ standing in for approval */
+
+void it_publish_approved(it_stack_t *st, const it_approved_t *a) {
+  Qm__V1__RequestLine line = QM__V1__REQUEST_LINE__INIT;
+  line.line_no = a->line_no ? a->line_no : 1;
+  line.item_id = (char *)a->item_id;
+  line.kind = QM__V1__ITEM_KIND__ITEM_KIND_ACCESS;
+  line.role_id = (char *)(a->role_id ? a->role_id : "");
+  line.group = (char *)a->group;
+  line.connector = (char *)(a->connector ? a->connector : "scim-main");
+  line.risk = QM__V1__RISK__RISK_STANDARD;
+  line.duration_days = a->duration_days;
+  Qm__V1__Actor auto_ = QM__V1__ACTOR__INIT;
+  auto_.service = (char *)"approval";
+  Qm__V1__Actor *approvers[] = {&auto_};
+  Qm__V1__RequestApproved ap = QM__V1__REQUEST_APPROVED__INIT;
+  ap.request_id = (char *)a->request_id;
+  ap.line = &line;
+  ap.subject_person_id = (char *)a->person_id;
+  ap.subject_directory_username = (char *)(a->username ? a->username : a->person_id);
+  ap.n_approvers = 1;
+  ap.approvers = approvers;
+  ap.grant_duration_days = a->duration_days;
+  ap.extends_request_id = (char *)(a->extends_request_id ? a->extends_request_id : "");
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ap.approved_at_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  Qm__V1__DecisionEvent de = QM__V1__DECISION_EVENT__INIT;
+  de.event_case = QM__V1__DECISION_EVENT__EVENT_APPROVED;
+  de.approved = &ap;
+  size_t len = qm__v1__decision_event__get_packed_size(&de);
+  uint8_t *buf = qm_malloc(len ? len : 1);
+  qm__v1__decision_event__pack(&de, buf);
+  it_publish(st, QM_TOPIC_DECISIONS, a->person_id, "approval", "qm.request.approved.v1",
+             a->request_id, buf, len);
+  free(buf);
+}
+
+void it_publish_revocation(it_stack_t *st, const char *request_id, const char *person_id,
+                           const char *item_id, const char *role_id, const char *reason) {
+  Qm__V1__Actor actor = QM__V1__ACTOR__INIT;
+  actor.service = (char *)"intake";
+  Qm__V1__RevocationRequested rr = QM__V1__REVOCATION_REQUESTED__INIT;
+  rr.request_id = (char *)request_id;
+  rr.subject_person_id = (char *)person_id;
+  rr.item_id = (char *)item_id;
+  rr.role_id = (char *)(role_id ? role_id : "");
+  rr.reason = (char *)reason;
+  rr.actor = &actor;
+  Qm__V1__RequestEvent re = QM__V1__REQUEST_EVENT__INIT;
+  re.event_case = QM__V1__REQUEST_EVENT__EVENT_REVOCATION_REQUESTED;
+  re.revocation_requested = &rr;
+  size_t len = qm__v1__request_event__get_packed_size(&re);
+  uint8_t *buf = qm_malloc(len ? len : 1);
+  qm__v1__request_event__pack(&re, buf);
+  it_publish(st, QM_TOPIC_REQUESTS, person_id, "intake", "qm.request.revocation_requested.v1",
+             request_id, buf, len);
+  free(buf);
 }

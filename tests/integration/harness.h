@@ -384,6 +384,82 @@ void it_recorder_clear(it_recorder_t *r);
 /* Stops the server and frees r. NULL is fine. */
 void it_recorder_stop(it_recorder_t *r);
 
+/* ---- publishing events ----------------------------------------------------- */
+
+/* Publishes one event to <prefix><base_topic> as service `source` would:
+ * key, CloudEvents type and subject, payload (protobuf bytes, len bytes);
+ * waits for the broker's acknowledgement (fails the test otherwise). Lets a
+ * test stand in for an upstream service (e.g. approval's RequestApproved). */
+void it_publish(it_stack_t *st, const char *base_topic, const char *key, const char *source,
+                const char *type, const char *subject, const void *payload, size_t len);
+
+/* One approved access line, as approval publishes it (RequestApproved on
+ * qm.decisions.v1): for tests of provisioning that need no intake or approval. */
+typedef struct it_approved {
+  const char *request_id;         /* required (a UUID, or any unique text) */
+  int line_no;                    /* 0: 1 */
+  const char *person_id;          /* required; also the Kafka key */
+  const char *username;           /* directory login; NULL: person_id */
+  const char *item_id, *role_id;  /* item required */
+  const char *group;              /* required */
+  const char *connector;          /* NULL: "scim-main" */
+  int duration_days;              /* 0: open-ended */
+  const char *extends_request_id; /* for an extension; NULL: none */
+} it_approved_t;
+
+/* Publishes a as a qm.v1.DecisionEvent{approved} (type qm.request.approved.v1). */
+void it_publish_approved(it_stack_t *st, const it_approved_t *a);
+
+/* Publishes a RevocationRequested on qm.requests.v1 as intake does for a
+ * mover (reason "mover", "requested", "review"…). role_id NULL: any role. */
+void it_publish_revocation(it_stack_t *st, const char *request_id, const char *person_id,
+                           const char *item_id, const char *role_id, const char *reason);
+
+/* ---- SCIM peer faults -------------------------------------------------------- */
+
+/* Sets a fault on the run's private SCIM peer (POST /_fault, see
+ * deploy/local/scim/server.js), e.g. {"mode":"status","status":500,"count":3},
+ * {"mode":"status","status":429,"retry_after":1,"count":2},
+ * {"mode":"hang","delay_ms":4000,"count":1}, {"mode":"down","down_ms":3000},
+ * {"mode":"none"}. Fails the test when the peer refuses. */
+void it_scim_fault(it_stack_t *st, const char *json_body);
+
+/* Adds (member true) or removes user_name to or from the SCIM peer's group
+ * with this displayName directly, behind the services' back (drift). Fails
+ * the test when the peer refuses. */
+void it_scim_member_set(it_stack_t *st, const char *group, const char *user_name, bool member);
+
+/* ---- slapd: a private LDAP directory ---------------------------------------- */
+
+#define IT_LDAP_BASE "dc=qm,dc=test"
+#define IT_LDAP_ADMIN "cn=admin,dc=qm,dc=test"
+#define IT_LDAP_PASSWORD "it-secret"
+/* The member an emptied groupOfNames keeps (the class requires one). */
+#define IT_LDAP_PLACEHOLDER "cn=placeholder,dc=qm,dc=test"
+
+typedef struct it_slapd it_slapd_t;
+
+/* Starts OpenLDAP's slapd (Debian's, unprivileged, back_mdb) on a free port
+ * of 127.0.0.1 with a fresh database: people uid=p-0001..p-<n_users> under
+ * ou=people and a groupOfNames cn=<name> under ou=groups for each name of
+ * the NULL-terminated groups, holding only IT_LDAP_PLACEHOLDER. Fails the
+ * test when it cannot start. Caller ends it with it_slapd_stop(). */
+it_slapd_t *it_slapd_start(const char *const *groups, int n_users);
+/* "ldap://127.0.0.1:<port>", valid until it_slapd_stop(). */
+const char *it_slapd_url(const it_slapd_t *sl);
+/* A connector definition for QM_CONNECTORS_FILE pointing at this slapd (a
+ * JSON object text). Caller frees with free(). */
+char *it_slapd_connector_json(const it_slapd_t *sl);
+/* The members of group cn=<group> read with ldapsearch, as a JSON object used
+ * as a set: uids of people ("p-0001") and any other DN as itself (the
+ * placeholder). Caller frees with json_decref(). */
+json_t *it_slapd_members(it_slapd_t *sl, const char *group);
+/* ldapmodify: op "add" or "delete" of member uid=<uid> on cn=<group>
+ * (behind Quartermaster's back, as drift). Fails the test on an error. */
+void it_slapd_modify(it_slapd_t *sl, const char *group, const char *op, const char *uid);
+/* Stops slapd and removes its files. NULL is fine. */
+void it_slapd_stop(it_slapd_t *sl);
+
 /* ---- small things --------------------------------------------------------- */
 
 /* Milliseconds on the monotonic clock. */
