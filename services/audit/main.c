@@ -26,6 +26,8 @@
  */
 #include "audit.h"
 #include "chain.h"
+#include "evidence.h"
+#include "payload.h"
 
 #include "qm_common.h"
 #include "qm_http.h"
@@ -87,6 +89,32 @@ const qm_migration_t audit_migrations[] = {
      " FOR EACH ROW EXECUTE FUNCTION ledger_refuse();"
      "CREATE TRIGGER checkpoints_no_truncate BEFORE TRUNCATE ON checkpoints"
      " FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();"},
+    {4, "facts for reports, indexes for search",
+     /* A projection of the ledger (payload.h): rebuildable with `qm-audit
+      * reindex`, so it is not append-only. */
+     "CREATE TABLE ledger_facts ("
+     " chain_id text NOT NULL,"
+     " seq bigint NOT NULL,"
+     " kind text NOT NULL,"
+     " line_no int NOT NULL,"
+     " at_ms bigint NOT NULL,"
+     " request_id text NOT NULL,"
+     " person_id text NOT NULL,"
+     " actor_id text NOT NULL,"
+     " item_id text NOT NULL,"
+     " department text NOT NULL,"
+     " reason text NOT NULL,"
+     " object_id text NOT NULL,"
+     " flag boolean NOT NULL,"
+     " PRIMARY KEY (chain_id, seq, kind, line_no));"
+     "CREATE INDEX ledger_facts_kind_at ON ledger_facts (kind, at_ms);"
+     "CREATE INDEX ledger_facts_request ON ledger_facts (request_id) WHERE request_id <> '';"
+     "CREATE INDEX ledger_facts_person ON ledger_facts (person_id, kind);"
+     "CREATE INDEX ledger_facts_item ON ledger_facts (item_id) WHERE item_id <> '';"
+     "CREATE INDEX ledger_facts_object ON ledger_facts (object_id, kind) WHERE object_id <> '';"
+     "CREATE INDEX ledger_time ON ledger (event_time_ms);"
+     "CREATE INDEX ledger_person ON ledger (person_id, event_time_ms);"
+     "CREATE INDEX ledger_actor ON ledger (actor_id, event_time_ms) WHERE actor_id <> '';"},
 };
 const size_t audit_n_migrations = QM_ARRAY_LEN(audit_migrations);
 
@@ -97,6 +125,9 @@ static const qm_cfg_def_t audit_config[] = {
     {"QM_AUDIT_CHECKPOINT_INTERVAL", QM_CFG_MS, "60s",
      "How often every chain whose head moved is signed (and once more at shutdown).", 100,
      86400000, 0},
+    {"QM_AUDIT_MAX_EXPORTS", QM_CFG_INT, "4",
+     "Exports (GET /v1/audit/export) that may stream at once, each on a database connection of "
+     "its own; more are answered 429 with Retry-After.", 1, 64, 0},
     {"QM_AUDIT_SIGNING_KEY_FILE", QM_CFG_STR, "",
      "PEM Ed25519 private key that signs checkpoints (make one with `qm-audit keygen`). Empty: "
      "a new key at every start, so checkpoints prove nothing across restarts.", 0, 0, 0},
@@ -114,6 +145,7 @@ typedef struct audit_app {
   char *pub_pem;
   char *pub_b64;
   audit_ckpt_t *ckpt;
+  audit_api_t api; /* evidence, search, exports, reports (evidence.c) */
   /* The head each chain had after this instance's last append, so the next
    * append can claim it in one statement (see append()). */
   struct audit_head_cache {
@@ -223,6 +255,10 @@ static int handle(qm_service_t *svc, void *app_, qm_pg_t *tx, const qm_event_in_
   char chain_id[CHAIN_ID_MAX];
   chain_name(chain_index, chain_id);
 
+  /* The payload, decoded once: the actor it names goes into the record
+   * (and so under the hash), its facts into the report projection. */
+  audit_payload_t payload;
+  audit_payload_decode(ev->topic, ev->payload, ev->payload_len, &payload);
   chain_record_t r = {
       .chain_id = chain_id,
       .recorded_at_ms = qm_now_ms(),
@@ -232,7 +268,7 @@ static int handle(qm_service_t *svc, void *app_, qm_pg_t *tx, const qm_event_in_
       .event_source = ev->meta_valid ? ev->meta.source : "",
       .subject = ev->meta_valid ? ev->meta.subject : "",
       .person_id = person,
-      .actor_id = "",
+      .actor_id = audit_payload_actor(&payload),
       .request_id = request_id,
       .event_time_ms = ev->meta_valid ? ev->meta.time_ms : ev->timestamp_ms,
       .dead_letter = dlq,
@@ -267,6 +303,9 @@ static int handle(qm_service_t *svc, void *app_, qm_pg_t *tx, const qm_event_in_
     }
     free(head);
   }
+  if (rc == QM_OK)
+    rc = audit_facts_insert(tx, r.chain_id, r.seq, &payload, r.request_id, r.event_time_ms, errstr,
+                            errstr_size);
   if (rc == QM_OK) {
     Qm__V1__AuditRecord ar = QM__V1__AUDIT_RECORD__INIT;
     ar.chain_id = (char *)r.chain_id;
@@ -296,6 +335,7 @@ static int handle(qm_service_t *svc, void *app_, qm_pg_t *tx, const qm_event_in_
                          ev->meta_valid ? ev->meta.traceparent : NULL, &ae.base, NULL, errstr,
                          errstr_size);
   }
+  audit_payload_clear(&payload);
   /* Remember the new head only once the whole append worked; a batch that
    * rolls back later leaves a stale entry, which the next append's check
    * of the head finds out. */
@@ -490,6 +530,10 @@ static int init(qm_service_t *svc, void **app_out, char *errstr, size_t errstr_s
       (qm_http_route(qm_service_http(svc), "GET", "/v1/ledger", list_ledger, app, 0, auditors) != QM_OK ||
        qm_http_route(qm_service_http(svc), "GET", "/v1/audit/key", get_key, app, 0, auditors) != QM_OK))
     rc = qm_err(errstr, errstr_size, QM_EINVAL, "cannot register audit routes");
+  if (rc == QM_OK) {
+    app->api.max_exports = (int)qm_config_int(qm_service_config(svc), "QM_AUDIT_MAX_EXPORTS");
+    rc = audit_api_register(svc, &app->api, auditors, errstr, errstr_size);
+  }
   if (rc == QM_OK)
     rc = audit_ckpt_start(svc, app->key,
                           qm_config_ms(qm_service_config(svc), "QM_AUDIT_CHECKPOINT_INTERVAL"),
@@ -551,6 +595,7 @@ static void usage(FILE *out) {
           "       qm-audit keygen FILE\n"
           "       qm-audit pubkey [FILE]\n"
           "       qm-audit migrate\n"
+          "       qm-audit reindex      rebuild the report facts from the ledger\n"
           "  See docs/audit.md. The tools read QM_PG_DSN, QM_KAFKA_BROKERS, QM_TOPIC_PREFIX and\n"
           "  QM_AUDIT_SIGNING_KEY_FILE from the environment.\n");
 }
@@ -568,6 +613,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "keygen")) return audit_keygen_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "pubkey")) return audit_pubkey_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "migrate")) return migrate_main();
+    if (!strcmp(cmd, "reindex")) return audit_reindex_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "help")) {
       usage(stdout);
       return 0;
