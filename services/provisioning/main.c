@@ -250,10 +250,10 @@ static int on_extension(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev,
       if (rc != QM_OK) break;
     }
     Qm__V1__AccessGranted ag = QM__V1__ACCESS_GRANTED__INIT;
-    int64_t line_no = 0;
-    qm_pg_get_int64(res, i, 3, &line_no);
-    ag.request_id = (char *)qm_pg_get(res, i, 2);
-    ag.line_no = (int32_t)line_no;
+    /* The extension request is what was granted now (its requester sees it
+     * granted); grant_id names the grant whose expiry moved. */
+    ag.request_id = ap->request_id;
+    ag.line_no = line->line_no;
     ag.grant_id = (char *)qm_pg_get(res, i, 0);
     ag.subject_person_id = ap->subject_person_id;
     ag.item_id = line->item_id;

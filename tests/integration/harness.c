@@ -1769,14 +1769,17 @@ json_t *it_case_wait_status(it_cases_t *cs, it_stack_t *st, const char *token, c
 
 /* ------------------------------------------------------------ SCIM faults */
 
-void it_scim_fault(it_stack_t *st, const char *json_body) {
+json_t *it_scim_fault(it_stack_t *st, const char *json_body) {
   char url[128];
   snprintf(url, sizeof(url), "http://127.0.0.1:%d/_fault", st->scim_port);
   it_resp_t r;
-  http_do("POST", url, NULL, json_body, NULL, &r);
-  cr_assert(r.status == 200, "SCIM fault %s: %ld %s", json_body, r.status, r.body);
+  http_do(json_body ? "POST" : "GET", url, NULL, json_body, NULL, &r);
+  cr_assert(r.status == 200 && r.json, "SCIM fault %s: %ld %s", json_body ? json_body : "(GET)",
+            r.status, r.body);
+  json_t *answer = json_incref(r.json);
   it_resp_clear(&r);
-  it_note(st, "SCIM peer fault: %s", json_body);
+  if (json_body) it_note(st, "SCIM peer fault: %s", json_body);
+  return answer;
 }
 
 /* ------------------------------------------------------------ slapd */

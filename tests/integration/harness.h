@@ -421,8 +421,11 @@ void it_publish_revocation(it_stack_t *st, const char *request_id, const char *p
  * deploy/local/scim/server.js), e.g. {"mode":"status","status":500,"count":3},
  * {"mode":"status","status":429,"retry_after":1,"count":2},
  * {"mode":"hang","delay_ms":4000,"count":1}, {"mode":"down","down_ms":3000},
- * {"mode":"none"}. Fails the test when the peer refuses. */
-void it_scim_fault(it_stack_t *st, const char *json_body);
+ * {"mode":"none"}; json_body NULL reads the current fault and how many
+ * requests it hit ({"fault":…, "injected": n, "requests": n}). Returns the
+ * peer's answer (caller frees with json_decref()); fails the test when the
+ * peer refuses. */
+json_t *it_scim_fault(it_stack_t *st, const char *json_body);
 
 /* Adds (member true) or removes user_name to or from the SCIM peer's group
  * with this displayName directly, behind the services' back (drift). Fails

@@ -1,0 +1,446 @@
+/*
+ * test_provisioning: qm-provisioning alone against the private SCIM peer and
+ * a private slapd, fed approved lines, revocation requests and HR leavers the
+ * way approval, intake and HR publish them. One stack, one case per behaviour
+ * of issue 5: grant (SCIM and LDAP, batched), idempotent re-grant, revoke by
+ * an administrator and by a mover's request (LDAP's last-member rule), expiry
+ * on a short clock with its notice webhook, extension, leaver, drift found
+ * and repaired.
+ *
+ * The clock: QM_PROVISIONING_DAY=2s, so a grant of 2 days lasts 4 s from the
+ * moment it is applied; notices go QM_EXPIRY_NOTICE_BEFORE=2s ahead.
+ */
+#include "harness.h"
+
+#include "qm_common.h"
+#include "qm_topics.h"
+
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct ctx {
+  it_reader_t *access;
+  it_recorder_t *hook;
+  it_slapd_t *slapd;
+  char *admin;
+} ctx_t;
+
+#define T_EVENT 30000
+
+static void new_id(char *out) { qm_uuid_new(out); }
+
+/* Waits for n access events matching the JSON pattern; ends the case otherwise. */
+static void want_events(it_cases_t *cs, ctx_t *c, const char *pattern, int n) {
+  json_t *pat = json_loads(pattern, 0, NULL);
+  IT_CHECK(cs, pat != NULL, "bad pattern %s", pattern);
+  int got = it_reader_wait(c->access, pat, n, T_EVENT);
+  json_decref(pat);
+  IT_CHECK(cs, got >= n, "expected %d event(s) %s on qm.access.v1, got %d", n, pattern, got);
+}
+
+static int count_events(ctx_t *c, const char *pattern) {
+  it_reader_poll(c->access, 200);
+  json_t *pat = json_loads(pattern, 0, NULL);
+  int n = it_reader_count(c->access, pat);
+  json_decref(pat);
+  return n;
+}
+
+static bool has_member(json_t *set, const char *who) { return json_object_get(set, who) != NULL; }
+
+static char *grant_of(it_stack_t *st, const char *request_id) {
+  char *q = qm_asprintf("SELECT grant_id FROM provisioning.grants WHERE request_id = '%s'",
+                        request_id);
+  char *id = it_pg_scalar(st, q);
+  free(q);
+  return id;
+}
+
+static char *grant_state(it_stack_t *st, const char *request_id) {
+  char *q = qm_asprintf("SELECT state FROM provisioning.grants WHERE request_id = '%s'",
+                        request_id);
+  char *v = it_pg_scalar(st, q);
+  free(q);
+  return v ? v : qm_strdup("(none)");
+}
+
+/* ---- cases ---------------------------------------------------------------- */
+
+static void c_scim_grant_and_regrant(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char rid[QM_UUID_STR_LEN];
+  new_id(rid);
+  it_approved_t a = {.request_id = rid, .person_id = "p-0201", .item_id = "figma",
+                     .role_id = "viewer", .group = "app-figma-viewer"};
+  it_publish_approved(st, &a);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", rid);
+  want_events(cs, c, pat, 1);
+  json_t *m = it_scim_members(st, "app-figma-viewer");
+  IT_CHECK(cs, has_member(m, "p-0201"), "p-0201 not in app-figma-viewer after AccessGranted");
+  json_decref(m);
+  /* The same approval delivered again (a new event id: an upstream retry). */
+  it_publish_approved(st, &a);
+  it_sleep_ms(1500);
+  IT_CHECK(cs, count_events(c, pat) == 1, "the re-delivered approval was granted again (%d events)",
+           count_events(c, pat));
+  char *q = qm_asprintf("SELECT count(*) FROM provisioning.grants WHERE request_id = '%s'", rid);
+  IT_CHECK(cs, it_pg_int(st, q) == 1, "more than one grant row for one approved line");
+  free(q);
+  q = qm_asprintf("SELECT count(*) FROM provisioning.grant_ops o JOIN provisioning.grants g"
+                  " USING (grant_id) WHERE g.request_id = '%s'", rid);
+  IT_CHECK(cs, it_pg_int(st, q) == 1, "more than one grant operation for one approved line");
+  free(q);
+}
+
+static void c_ldap_grant_batch(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char rids[8][QM_UUID_STR_LEN];
+  for (int i = 0; i < 8; i++) {
+    new_id(rids[i]);
+    char person[16];
+    snprintf(person, sizeof(person), "p-%04d", 203 + i);
+    it_approved_t a = {.request_id = rids[i], .person_id = person, .item_id = "ops-tools",
+                       .role_id = "user", .group = "ldap-ops", .connector = "ldap-corp"};
+    it_publish_approved(st, &a);
+  }
+  for (int i = 0; i < 8; i++) {
+    char pat[512];
+    snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\",\"connector\":\"ldap-corp\"}",
+             rids[i]);
+    want_events(cs, c, pat, 1);
+  }
+  json_t *m = it_slapd_members(c->slapd, "ldap-ops");
+  char *txt = it_json_text(m);
+  for (int i = 0; i < 8; i++) {
+    char person[16];
+    snprintf(person, sizeof(person), "p-%04d", 203 + i);
+    IT_CHECK(cs, has_member(m, person), "%s not in LDAP group ldap-ops: %s", person, txt);
+  }
+  IT_CHECK(cs, !has_member(m, IT_LDAP_PLACEHOLDER),
+           "the placeholder stayed in ldap-ops after real members were added: %s", txt);
+  IT_CHECK(cs, json_object_size(m) == 8, "ldap-ops should hold exactly the 8 grantees: %s", txt);
+  free(txt);
+  json_decref(m);
+}
+
+static void c_admin_revoke(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char r1[QM_UUID_STR_LEN], r2[QM_UUID_STR_LEN];
+  new_id(r1);
+  new_id(r2);
+  it_approved_t a1 = {.request_id = r1, .person_id = "p-0212", .item_id = "slack",
+                      .role_id = "user", .group = "app-slack-user"};
+  it_approved_t a2 = {.request_id = r2, .person_id = "p-0213", .item_id = "slack",
+                      .role_id = "user", .group = "app-slack-user"};
+  it_publish_approved(st, &a1);
+  it_publish_approved(st, &a2);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r1);
+  want_events(cs, c, pat, 1);
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r2);
+  want_events(cs, c, pat, 1);
+  char *gid = grant_of(st, r1);
+  IT_CHECK(cs, gid != NULL, "no grant row for %s", r1);
+  char path[128];
+  snprintf(path, sizeof(path), "/v1/grants/%s/revoke", gid);
+  /* Not an administrator: refused. */
+  char *emp = it_token("p-0212", "employee");
+  it_resp_t r;
+  it_http(st, "provisioning", "POST", path, emp, "{}", NULL, &r);
+  IT_CHECK(cs, r.status == 403, "an employee revoked a grant: %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  free(emp);
+  it_http(st, "provisioning", "POST", path, c->admin, "{\"comment\":\"left the project\"}", NULL,
+          &r);
+  IT_CHECK(cs, r.status == 202, "admin revoke: %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  snprintf(pat, sizeof(pat),
+           "{\"event\":\"revoked\",\"grant_id\":\"%s\",\"reason\":\"admin\",\"actor_person_id\":\"p-0001\"}",
+           gid);
+  want_events(cs, c, pat, 1);
+  json_t *m = it_scim_members(st, "app-slack-user");
+  IT_CHECK(cs, !has_member(m, "p-0212"), "p-0212 still in app-slack-user after revocation");
+  IT_CHECK(cs, has_member(m, "p-0213"), "revoking p-0212 took p-0213 out of the group too");
+  json_decref(m);
+  /* Again: it is revoked already. */
+  it_http(st, "provisioning", "POST", path, c->admin, NULL, NULL, &r);
+  IT_CHECK(cs, r.status == 409, "second revoke: expected 409, got %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  it_http(st, "provisioning", "POST", "/v1/grants/7d0f3f5e-0000-4000-8000-000000000000/revoke",
+          c->admin, NULL, NULL, &r);
+  IT_CHECK(cs, r.status == 404, "unknown grant: expected 404, got %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  /* The grants API by person and by item. */
+  char *pq = it_token("p-0212", "employee");
+  it_http(st, "provisioning", "GET", "/v1/grants?person_id=p-0212", pq, NULL, NULL, &r);
+  IT_CHECK(cs, r.status == 200 && json_array_size(json_object_get(r.json, "items")) == 1 &&
+                   !strcmp(json_string_value(json_object_get(
+                               json_array_get(json_object_get(r.json, "items"), 0), "state")),
+                           "revoked"),
+           "GET /v1/grants?person_id=p-0212: %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  it_http(st, "provisioning", "GET", "/v1/grants?person_id=p-0213", pq, NULL, NULL, &r);
+  IT_CHECK(cs, r.status == 403, "a person read another's grants: %ld", r.status);
+  it_resp_clear(&r);
+  free(pq);
+  it_http(st, "provisioning", "GET", "/v1/grants?item_id=slack&state=active", c->admin, NULL,
+          NULL, &r);
+  IT_CHECK(cs, r.status == 200 && json_array_size(json_object_get(r.json, "items")) == 1,
+           "GET /v1/grants?item_id=slack&state=active: %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  free(gid);
+}
+
+static void c_mover_revoke_ldap_last_member(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char rid[QM_UUID_STR_LEN];
+  new_id(rid);
+  it_approved_t a = {.request_id = rid, .person_id = "p-0202", .item_id = "eng-wiki",
+                     .role_id = "editor", .group = "ldap-eng", .connector = "ldap-corp"};
+  it_publish_approved(st, &a);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", rid);
+  want_events(cs, c, pat, 1);
+  json_t *m = it_slapd_members(c->slapd, "ldap-eng");
+  IT_CHECK(cs, has_member(m, "p-0202") && json_object_size(m) == 1,
+           "ldap-eng should hold only p-0202 now");
+  json_decref(m);
+  char mover[QM_UUID_STR_LEN];
+  new_id(mover);
+  it_publish_revocation(st, mover, "p-0202", "eng-wiki", "editor", "mover");
+  snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\",\"reason\":\"mover\"}",
+           rid);
+  want_events(cs, c, pat, 1);
+  m = it_slapd_members(c->slapd, "ldap-eng");
+  char *txt = it_json_text(m);
+  IT_CHECK(cs, !has_member(m, "p-0202"), "p-0202 still in ldap-eng: %s", txt);
+  IT_CHECK(cs, has_member(m, IT_LDAP_PLACEHOLDER),
+           "the emptied groupOfNames should keep the placeholder: %s", txt);
+  free(txt);
+  json_decref(m);
+}
+
+static void c_expiry_notice_extension(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char ra[QM_UUID_STR_LEN], rb[QM_UUID_STR_LEN], rx[QM_UUID_STR_LEN];
+  new_id(ra);
+  new_id(rb);
+  new_id(rx);
+  it_recorder_clear(c->hook);
+  int64_t t0 = it_now_ms();
+  it_approved_t a = {.request_id = ra, .person_id = "p-0214", .item_id = "aws",
+                     .role_id = "prod-admin", .group = "app-aws-prod-admin", .duration_days = 2};
+  it_approved_t b = {.request_id = rb, .person_id = "p-0215", .item_id = "aws",
+                     .role_id = "prod-admin", .group = "app-aws-prod-admin", .duration_days = 2};
+  it_publish_approved(st, &a);
+  it_publish_approved(st, &b);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", rb);
+  want_events(cs, c, pat, 1);
+  /* The clock started when access was applied: exactly 2 days of 2 s each. */
+  char *q = qm_asprintf("SELECT extract(epoch FROM expires_at - granted_at)::text"
+                        " FROM provisioning.grants WHERE request_id = '%s'", rb);
+  char *span = it_pg_scalar(st, q);
+  free(q);
+  IT_CHECK(cs, span && strtod(span, NULL) == 4.0, "expires_at - granted_at = %s s, expected 4",
+           span ? span : "(null)");
+  free(span);
+  /* Extend B by 3 days (6 s) at once: its expiry moves from t+4 s to t+10 s. */
+  it_approved_t x = {.request_id = rx, .person_id = "p-0215", .item_id = "aws",
+                     .role_id = "prod-admin", .group = "app-aws-prod-admin", .duration_days = 3,
+                     .extends_request_id = rb};
+  it_publish_approved(st, &x);
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\",\"extension\":true}", rx);
+  want_events(cs, c, pat, 1);
+  /* A: notice ahead, then revoked at expiry, with reason "expired". */
+  snprintf(pat, sizeof(pat), "{\"event\":\"expiry_notice\",\"request_id\":\"%s\"}", ra);
+  want_events(cs, c, pat, 1);
+  snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\",\"reason\":\"expired\"}", ra);
+  want_events(cs, c, pat, 1);
+  int64_t a_gone = it_now_ms() - t0;
+  IT_CHECK(cs, a_gone >= 4000, "A was revoked %lld ms after approval, before its 4 s ran out",
+           (long long)a_gone);
+  IT_CHECK(cs, it_recorder_wait(c->hook, NULL, 1, 5000), "no expiry notice reached the webhook");
+  char *body = it_recorder_body(c->hook, NULL, 0);
+  char *ga = grant_of(st, ra);
+  IT_CHECK(cs, body && ga && strstr(body, ga) && strstr(body, "p-0214"),
+           "the webhook's notice does not name A's grant and holder: %s", body ? body : "");
+  free(body);
+  free(ga);
+  json_t *m = it_scim_members(st, "app-aws-prod-admin");
+  IT_CHECK(cs, !has_member(m, "p-0214"), "A's holder is still a member after expiry");
+  IT_CHECK(cs, has_member(m, "p-0215"), "B was taken away although it was extended");
+  json_decref(m);
+  char *sb = grant_state(st, rb);
+  IT_CHECK(cs, !strcmp(sb, "active"), "B is %s at A's expiry; the extension should hold it", sb);
+  free(sb);
+  /* B: revoked at its new expiry, about 10 s after it was applied. */
+  snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\",\"reason\":\"expired\"}", rb);
+  want_events(cs, c, pat, 1);
+  IT_CHECK(cs, it_now_ms() - t0 >= 10000, "B was revoked before its extended expiry");
+  /* Exactly one notice per expiry (B's re-armed after the extension). */
+  IT_CHECK(cs, count_events(c, "{\"event\":\"expiry_notice\",\"subject_person_id\":\"p-0214\"}") == 1,
+           "A got more than one expiry notice");
+}
+
+static void c_leaver(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  static const struct {
+    const char *item, *group, *connector;
+  } g[] = {{"figma", "app-figma-editor", "scim-main"}, {"jira", "app-jira-user", "scim-main"},
+           {"zoom", "app-zoom-user", "scim-main"},     {"eng-wiki", "ldap-eng", "ldap-corp"},
+           {"ops-tools", "ldap-ops", "ldap-corp"}};
+  char rids[5][QM_UUID_STR_LEN];
+  for (int i = 0; i < 5; i++) {
+    new_id(rids[i]);
+    it_approved_t a = {.request_id = rids[i], .person_id = "p-0220", .item_id = g[i].item,
+                       .role_id = "user", .group = g[i].group, .connector = g[i].connector};
+    it_publish_approved(st, &a);
+  }
+  /* A colleague in the same group must keep access. */
+  char rk[QM_UUID_STR_LEN];
+  new_id(rk);
+  it_approved_t k = {.request_id = rk, .person_id = "p-0221", .item_id = "jira", .role_id = "user",
+                     .group = "app-jira-user"};
+  it_publish_approved(st, &k);
+  want_events(cs, c, "{\"event\":\"granted\",\"subject_person_id\":\"p-0220\"}", 5);
+  want_events(cs, c, "{\"event\":\"granted\",\"subject_person_id\":\"p-0221\"}", 1);
+  char today[16];
+  it_date(0, today, sizeof(today));
+  it_hr_event_t ev = {.kind = "leaver", .effective_date = today,
+                      .person = {.id = "p-0220", .status = "terminated"}};
+  it_hr_publish(st, &ev);
+  want_events(cs, c, "{\"event\":\"revoked\",\"subject_person_id\":\"p-0220\",\"reason\":\"leaver\"}", 5);
+  /* Each grant its own event, none twice. */
+  for (int i = 0; i < 5; i++) {
+    char pat[512];
+    snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\"}", rids[i]);
+    IT_CHECK(cs, count_events(c, pat) == 1, "grant of %s: %d AccessRevoked", g[i].group,
+             count_events(c, pat));
+  }
+  json_t *m = it_scim_members(st, "app-jira-user");
+  IT_CHECK(cs, !has_member(m, "p-0220") && has_member(m, "p-0221"),
+           "app-jira-user after the leaver: the leaver must be gone and the colleague stay");
+  json_decref(m);
+  m = it_slapd_members(c->slapd, "ldap-ops");
+  IT_CHECK(cs, !has_member(m, "p-0220"), "leaver still in LDAP group ldap-ops");
+  IT_CHECK(cs, json_object_size(m) >= 8, "the leaver took other members of ldap-ops with them");
+  json_decref(m);
+  /* The time it took is recorded. */
+  it_resp_t r;
+  int64_t deadline = it_now_ms() + 10000;
+  const json_t *item = NULL;
+  for (;;) {
+    it_http(st, "provisioning", "GET", "/v1/leavers/p-0220", c->admin, NULL, NULL, &r);
+    item = json_array_get(json_object_get(r.json, "items"), 0);
+    if (json_object_get(item, "seconds") || it_now_ms() > deadline) break;
+    it_resp_clear(&r);
+    it_sleep_ms(200);
+  }
+  IT_CHECK(cs, r.status == 200 && json_integer_value(json_object_get(item, "grants")) == 5 &&
+                   json_is_real(json_object_get(item, "seconds")),
+           "GET /v1/leavers/p-0220: %ld %s", r.status, r.body);
+  fprintf(stderr, "[it provisioning] leaver with 5 grants deprovisioned in %.3f s\n",
+          json_real_value(json_object_get(item, "seconds")));
+  it_resp_clear(&r);
+  /* The same HR event again: dropped. */
+  it_hr_publish(st, &ev);
+  it_sleep_ms(1500);
+  IT_CHECK(cs, count_events(c, "{\"event\":\"revoked\",\"subject_person_id\":\"p-0220\"}") == 5,
+           "a repeated leaver event revoked again");
+}
+
+static void c_drift(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  /* LDAP (repair on for ldap-corp): a stranger added, a grantee removed. */
+  it_slapd_modify(c->slapd, "ldap-ops", "add", "p-0240");
+  it_slapd_modify(c->slapd, "ldap-ops", "delete", "p-0204");
+  /* SCIM (repair off): a stranger in a managed group. */
+  it_scim_member_set(st, "app-figma-viewer", "p-0241", true);
+  int before = count_events(c, "{\"event\":\"drift\"}");
+  it_resp_t r;
+  it_http(st, "provisioning", "POST", "/v1/drift/run", c->admin, NULL, NULL, &r);
+  IT_CHECK(cs, r.status == 200, "POST /v1/drift/run: %ld %s", r.status, r.body);
+  long long findings = json_integer_value(json_object_get(r.json, "findings"));
+  it_resp_clear(&r);
+  IT_CHECK(cs, findings == 3, "expected exactly 3 drift findings, got %lld", findings);
+  want_events(cs, c,
+              "{\"event\":\"drift\",\"connector\":\"ldap-corp\",\"group\":\"ldap-ops\","
+              "\"finding\":\"member_without_grant\",\"repaired\":true}", 1);
+  want_events(cs, c,
+              "{\"event\":\"drift\",\"connector\":\"ldap-corp\",\"group\":\"ldap-ops\","
+              "\"finding\":\"grant_without_member\",\"subject_person_id\":\"p-0204\","
+              "\"repaired\":true}", 1);
+  want_events(cs, c,
+              "{\"event\":\"drift\",\"connector\":\"scim-main\",\"group\":\"app-figma-viewer\","
+              "\"finding\":\"member_without_grant\",\"repaired\":false}", 1);
+  IT_CHECK(cs, count_events(c, "{\"event\":\"drift\"}") - before == 3, "more drift events than findings");
+  json_t *m = it_slapd_members(c->slapd, "ldap-ops");
+  IT_CHECK(cs, !has_member(m, "p-0240"), "the LDAP stranger was not removed by the repair");
+  IT_CHECK(cs, has_member(m, "p-0204"), "the missing LDAP grantee was not re-added");
+  json_decref(m);
+  m = it_scim_members(st, "app-figma-viewer");
+  IT_CHECK(cs, has_member(m, "p-0241"), "SCIM drift was repaired although repair is off there");
+  json_decref(m);
+  /* Repaired: a second run finds only what was left unrepaired. */
+  it_http(st, "provisioning", "POST", "/v1/drift/run", c->admin, NULL, NULL, &r);
+  findings = json_integer_value(json_object_get(r.json, "findings"));
+  it_resp_clear(&r);
+  IT_CHECK(cs, findings == 1, "second drift run: expected 1 finding (SCIM unrepaired), got %lld",
+           findings);
+}
+
+Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .timeout = 600) {
+  static const char *const groups[] = {"ldap-eng", "ldap-ops", NULL};
+  it_slapd_t *slapd = it_slapd_start(groups, 300);
+  it_recorder_t *hook = it_recorder_start();
+  char *conn = it_slapd_connector_json(slapd);
+  /* drift_repair on for LDAP only; QM_DRIFT_REPAIR stays off for SCIM. */
+  char *file_text = qm_asprintf("{\"connectors\": {\"ldap-corp\": %.*s, \"drift_repair\": true}}}",
+                                (int)strlen(conn) - 1, conn);
+  free(conn);
+  char *dir = it_dir_copy_yaml(QM_SOURCE_DIR "/deploy/local/seed", "prov");
+  it_file_write(dir, "connectors.json", file_text);
+  free(file_text);
+  char *cf = qm_asprintf("QM_CONNECTORS_FILE=%s/connectors.json", dir);
+  char *wh = qm_asprintf("QM_EXPIRY_WEBHOOK_URL=%s/hooks/expiry", it_recorder_url(hook));
+  const it_svc_env_t env[] = {
+      {"provisioning", cf},
+      {"provisioning", wh},
+      {"provisioning", "QM_PROVISIONING_DAY=2s"},
+      {"provisioning", "QM_EXPIRY_NOTICE_BEFORE=2s"},
+      {"provisioning", "QM_PROVISIONING_TICK=100ms"},
+      {"provisioning", "QM_DRIFT_INTERVAL=0"},
+      {"provisioning", "QM_PROVISIONING_BACKOFF=200ms"},
+      {NULL, NULL},
+  };
+  static const char *const only[] = {"provisioning", NULL};
+  it_stack_t *st = it_stack_up_env("prov", only, env);
+  ctx_t c = {.access = it_reader_open(st, QM_TOPIC_ACCESS), .hook = hook, .slapd = slapd,
+             .admin = it_token("p-0001", "it_admin")};
+  it_cases_t cs;
+  memset(&cs, 0, sizeof(cs));
+  cs.ctx = &c;
+  it_case_run(&cs, st, "SCIM grant, and a re-delivered approval granted once", c_scim_grant_and_regrant);
+  it_case_run(&cs, st, "LDAP grants batched into one group", c_ldap_grant_batch);
+  it_case_run(&cs, st, "admin revoke (SCIM), grants by person and by item", c_admin_revoke);
+  it_case_run(&cs, st, "mover revocation (LDAP, last member of a groupOfNames)",
+              c_mover_revoke_ldap_last_member);
+  it_case_run(&cs, st, "expiry on a short clock, notice webhook, extension", c_expiry_notice_extension);
+  it_case_run(&cs, st, "leaver: every grant revoked, each with its event, timed", c_leaver);
+  it_case_run(&cs, st, "drift found (SCIM, LDAP) and repaired (LDAP)", c_drift);
+  bool ok = it_cases_report(&cs, "provisioning");
+  it_reader_close(c.access);
+  free(c.admin);
+  cr_assert(ok, "some provisioning cases failed (see above)");
+  it_stack_down(st);
+  it_recorder_stop(hook);
+  it_slapd_stop(slapd);
+  it_dir_remove(dir);
+  free(dir);
+  free(cf);
+  free(wh);
+}
