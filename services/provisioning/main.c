@@ -143,7 +143,7 @@ static const qm_cfg_def_t config[] = {
      "Length of one day of a grant's duration (shorten it only for tests and demos).", 100,
      864000000, 0},
     {"QM_PROVISIONING_TICK", QM_CFG_MS, "1s",
-     "How often expiries, expiry notices and due leavers are looked for.", 10, 3600000, 0},
+     "Idle poll of the timer worker (expiries, expiry notices, future-dated leavers); a failed notice webhook is retried after 5 ticks.", 10, 3600000, 0},
     {"QM_EXPIRY_NOTICE_BEFORE", QM_CFG_MS, "3d",
      "How long before expiry the holder is notified (ExpiryNotice and the webhook).", 0,
      8640000000, 0},

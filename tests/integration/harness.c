@@ -2047,3 +2047,16 @@ void it_publish_revocation(it_stack_t *st, const char *request_id, const char *p
              request_id, buf, len);
   free(buf);
 }
+
+void it_scim_group_create(it_stack_t *st, const char *display_name) {
+  char *body = qm_asprintf("{\"schemas\":[\"urn:ietf:params:scim:schemas:core:2.0:Group\"],"
+                           "\"displayName\":\"%s\"}",
+                           display_name);
+  char url[128];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d/scim/v2/Groups", st->scim_port);
+  it_resp_t r;
+  http_do("POST", url, IT_SCIM_TOKEN, body, NULL, &r);
+  cr_assert(r.status == 201, "SCIM POST /Groups %s: %ld %s", display_name, r.status, r.body);
+  it_resp_clear(&r);
+  free(body);
+}

@@ -432,6 +432,10 @@ json_t *it_scim_fault(it_stack_t *st, const char *json_body);
  * the test when the peer refuses. */
 void it_scim_member_set(it_stack_t *st, const char *group, const char *user_name, bool member);
 
+/* Creates an empty group with this displayName on the SCIM peer. Fails the
+ * test unless the peer answers 201. */
+void it_scim_group_create(it_stack_t *st, const char *display_name);
+
 /* ---- slapd: a private LDAP directory ---------------------------------------- */
 
 #define IT_LDAP_BASE "dc=qm,dc=test"
