@@ -24,6 +24,7 @@
 #include "qm_common.h"
 #include "qm_kafka.h"
 #include "qm_log.h"
+#include "qm_redis.h"
 #include "qm_topics.h"
 
 #include "qm/v1/access.pb-c.h"
@@ -967,6 +968,7 @@ static void service_env(const it_stack_t *st, const it_svc_t *s, it_env_t *env) 
   env_set(env, "QM_SCIM_TOKEN", IT_SCIM_TOKEN);
   env_set(env, "QM_INTAKE_CATALOG_DIR", QM_SOURCE_DIR "/deploy/local/catalog");
   env_set(env, "QM_INTAKE_PEOPLE_FILE", QM_SOURCE_DIR "/deploy/local/seed/people.json");
+  env_set(env, "QM_APPROVAL_PEOPLE_FILE", QM_SOURCE_DIR "/deploy/local/seed/people.json");
   env_set(env, "QM_PROVISIONING_BACKOFF", "200ms");
   env_set(env, "QM_SHUTDOWN_TIMEOUT", "10s");
   /* The machine's PostgreSQL allows 100 connections, shared with whatever
@@ -2059,4 +2061,187 @@ void it_scim_group_create(it_stack_t *st, const char *display_name) {
   cr_assert(r.status == 201, "SCIM POST /Groups %s: %ld %s", display_name, r.status, r.body);
   it_resp_clear(&r);
   free(body);
+}
+
+/* ------------------------------------------------------------ private Redis */
+
+struct it_redis {
+  int port;
+  pid_t pid;
+  char log[PATH_MAX];
+  qm_redis_t *cli;
+};
+
+static void redis_spawn(it_redis_t *rd) {
+  char *bin = which("redis-server");
+  char port[16];
+  snprintf(port, sizeof(port), "%d", rd->port);
+  char *argv[] = {bin, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                  "no", "--loglevel", "warning", NULL};
+  char *envp[] = {NULL};
+  rd->pid = spawn_logged(bin, argv, envp, rd->log);
+  free(bin);
+  char errstr[256] = "";
+  int64_t deadline = it_now_ms() + 15000;
+  for (;;) {
+    qm_redis_destroy(rd->cli);
+    rd->cli = qm_redis_connect("127.0.0.1", rd->port, 500, 5000, errstr, sizeof(errstr));
+    if (rd->cli && qm_redis_ping(rd->cli, errstr, sizeof(errstr)) == QM_OK) return;
+    cr_assert(it_now_ms() < deadline, "private redis-server on port %d did not answer: %s (log %s)",
+              rd->port, errstr, rd->log);
+    it_sleep_ms(50);
+  }
+}
+
+it_redis_t *it_redis_start(void) {
+  it_redis_t *rd = qm_calloc(1, sizeof(*rd));
+  int avoid[IT_N_SERVICES + 1];
+  size_t n_avoid = 0;
+  if (it_live) ports_in_use(it_live, avoid, &n_avoid);
+  rd->port = free_port(avoid, n_avoid);
+  snprintf(rd->log, sizeof(rd->log), "/tmp/qm-it-redis-%d.log", rd->port);
+  redis_spawn(rd);
+  return rd;
+}
+
+int it_redis_port(const it_redis_t *rd) { return rd->port; }
+
+static void text_append(char **out, size_t *len, size_t *cap, const char *s, size_t n) {
+  if (*len + n + 1 > *cap) {
+    *cap = (*len + n + 1) * 2;
+    *out = qm_realloc(*out, *cap);
+  }
+  memcpy(*out + *len, s, n);
+  *len += n;
+  (*out)[*len] = '\0';
+}
+
+static void redis_reply_text(const qm_redis_reply_t *rep, char **out, size_t *len, size_t *cap) {
+  char num[32];
+  size_t n = 0;
+  const char *s = NULL;
+  switch (qm_redis_reply_type(rep)) {
+  case QM_REDIS_REPLY_INT:
+    snprintf(num, sizeof(num), "%lld", qm_redis_reply_int(rep));
+    text_append(out, len, cap, num, strlen(num));
+    break;
+  case QM_REDIS_REPLY_ERROR:
+    text_append(out, len, cap, "ERR: ", 5);
+    /* fall through */
+  case QM_REDIS_REPLY_STRING:
+  case QM_REDIS_REPLY_STATUS:
+    s = qm_redis_reply_str(rep, &n);
+    text_append(out, len, cap, s, n);
+    break;
+  case QM_REDIS_REPLY_ARRAY:
+    for (size_t i = 0; i < qm_redis_reply_len(rep); i++) {
+      if (i) text_append(out, len, cap, "\n", 1);
+      redis_reply_text(qm_redis_reply_element(rep, i), out, len, cap);
+    }
+    break;
+  default: break;
+  }
+}
+
+char *it_redis_cmd(it_redis_t *rd, const char *const *argv, int argc) {
+  qm_redis_reply_t *rep = NULL;
+  char errstr[256];
+  int rc = qm_redis_command(rd->cli, 0, argc, argv, NULL, &rep, errstr, sizeof(errstr));
+  cr_assert(rc == QM_OK, "private redis %d: %s: %s", rd->port, argv[0], errstr);
+  size_t len = 0, cap = 64;
+  char *out = qm_calloc(1, cap);
+  redis_reply_text(rep, &out, &len, &cap);
+  qm_redis_reply_destroy(rep);
+  return out;
+}
+
+void it_redis_restart(it_redis_t *rd) {
+  if (rd->pid > 0) {
+    kill(rd->pid, SIGKILL);
+    wait_exit(rd->pid, 10000);
+    rd->pid = 0;
+  }
+  redis_spawn(rd);
+}
+
+void it_redis_stop(it_redis_t *rd) {
+  if (!rd) return;
+  if (rd->pid > 0) {
+    kill(rd->pid, SIGKILL);
+    wait_exit(rd->pid, 10000);
+  }
+  qm_redis_destroy(rd->cli);
+  free(rd);
+}
+
+/* ------------------------------------------------------------ more instances */
+
+struct it_instance {
+  it_stack_t *st;
+  char name[32];
+  int port;
+  pid_t pid;
+  char log_path[PATH_MAX + 64];
+};
+
+it_instance_t *it_instance_start(it_stack_t *st, const char *name, const char *tag,
+                                 const char *const *env_extra) {
+  it_svc_t *s = svc_find(st, name);
+  it_instance_t *in = qm_calloc(1, sizeof(*in));
+  in->st = st;
+  qm_strlcpy(in->name, name, sizeof(in->name));
+  int avoid[IT_N_SERVICES + 1];
+  size_t n_avoid = 0;
+  ports_in_use(st, avoid, &n_avoid);
+  in->port = free_port(avoid, n_avoid);
+  snprintf(in->log_path, sizeof(in->log_path), "%s/%s-%s.log", st->log_dir, name, tag);
+  it_env_t env;
+  service_env(st, s, &env);
+  char port[16];
+  snprintf(port, sizeof(port), "%d", in->port);
+  env_set(&env, "QM_HTTP_PORT", port);
+  for (size_t i = 0; env_extra && env_extra[i]; i++) env_put(&env, env_extra[i]);
+  char *bin = qm_asprintf("%s/services/qm-%s", QM_BINARY_DIR, name);
+  char *argv[] = {bin, NULL};
+  append_line(in->log_path, "=== it harness: extra instance %s of qm-%s on 127.0.0.1:%d ===", tag,
+              name, in->port);
+  in->pid = spawn_logged(bin, argv, env.v, in->log_path);
+  env_free(&env);
+  free(bin);
+  int64_t deadline = it_now_ms() + IT_READY_BOUND_MS;
+  for (;;) {
+    int rc = wait_exit(in->pid, 0);
+    if (rc != -2) {
+      in->pid = 0;
+      fail_with_log(st, in->log_path, "an extra instance exited during start-up");
+    }
+    if (http_status_quick(in->port, "/readyz") == 200) break;
+    if (it_now_ms() >= deadline) fail_with_log(st, in->log_path, "an extra instance is not ready");
+    it_sleep_ms(50);
+  }
+  it_note(st, "extra qm-%s (%s) ready on :%d (pid %d)", name, tag, in->port, (int)in->pid);
+  return in;
+}
+
+int it_instance_port(const it_instance_t *in) { return in->port; }
+
+bool it_instance_running(it_instance_t *in) {
+  if (in->pid <= 0) return false;
+  if (wait_exit(in->pid, 0) != -2) in->pid = 0;
+  return in->pid > 0;
+}
+
+void it_instance_kill9(it_instance_t *in) {
+  cr_assert(in->pid > 0, "kill -9 extra %s: not running", in->name);
+  kill(in->pid, SIGKILL);
+  wait_exit(in->pid, 10000);
+  append_line(in->log_path, "=== it harness: pid %d killed with SIGKILL ===", (int)in->pid);
+  it_note(in->st, "extra qm-%s (pid %d) killed with SIGKILL", in->name, (int)in->pid);
+  in->pid = 0;
+}
+
+void it_instance_stop(it_instance_t *in) {
+  if (!in) return;
+  if (in->pid > 0) stop_pid(in->pid, IT_STOP_GRACE_MS);
+  free(in);
 }

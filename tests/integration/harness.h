@@ -467,6 +467,43 @@ void it_slapd_modify(it_slapd_t *sl, const char *group, const char *op, const ch
 /* Stops slapd and removes its files. NULL is fine. */
 void it_slapd_stop(it_slapd_t *sl);
 
+/* ---- a private Redis -------------------------------------------------------- */
+
+/* redis-server (Debian's) on a free port with no persistence, for tests that
+ * flush, kill or restart Redis without touching the shared one on 6379. Point
+ * a service at it with it_service_setenv(st, "approval", "QM_REDIS_PORT=<port>")
+ * (or the overrides of it_stack_up_env()). Fails the test when it cannot start. */
+typedef struct it_redis it_redis_t;
+it_redis_t *it_redis_start(void);
+int it_redis_port(const it_redis_t *rd);
+/* Runs one command (argv strings) and returns the reply as text: a string or
+ * status as is, an integer in decimal, nil as "", an error as "ERR: ...",
+ * an array as its elements joined by '\n'. Fails the test when Redis does not
+ * answer. Caller frees with free(). */
+char *it_redis_cmd(it_redis_t *rd, const char *const *argv, int argc);
+/* kill -9 and start again on the same port: every key is lost. */
+void it_redis_restart(it_redis_t *rd);
+/* Stops it (SIGKILL) and frees rd. NULL is fine. */
+void it_redis_stop(it_redis_t *rd);
+
+/* ---- more instances of a service -------------------------------------------- */
+
+/* Another process of service name (e.g. a second qm-approval sharing the
+ * work): the run's environment with the service's overrides, plus env_extra
+ * ("NAME=value", NULL-terminated, may be NULL), its own free HTTP port and
+ * log <log dir>/<name>-<tag>.log. Waits for GET /readyz 200 (fails the test
+ * with its log tail otherwise). Stopped by it_instance_stop() or, when the
+ * test process ends, by the parent-death signal. */
+typedef struct it_instance it_instance_t;
+it_instance_t *it_instance_start(it_stack_t *st, const char *name, const char *tag,
+                                 const char *const *env_extra);
+int it_instance_port(const it_instance_t *in);
+bool it_instance_running(it_instance_t *in);
+/* kill -9 it and reap it. */
+void it_instance_kill9(it_instance_t *in);
+/* SIGTERM (SIGKILL after 10 s) if running, then frees in. NULL is fine. */
+void it_instance_stop(it_instance_t *in);
+
 /* ---- small things --------------------------------------------------------- */
 
 /* Milliseconds on the monotonic clock. */
