@@ -118,25 +118,24 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
   return n;
 }
 
-/* Success: op done (once), grant active with its clock starting now, event. */
-static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const char *user_id,
-                          const char *group_id, char *errstr, size_t errstr_size) {
-  int rc = qm_pg_begin(pg, errstr, errstr_size);
-  if (rc != QM_OK) return rc;
+/* Success, inside the caller's transaction: op done (once), grant active with
+ * its clock starting now, AccessGranted. *won is false when another worker
+ * finished the operation first (then nothing was changed). On an error the
+ * caller rolls back. */
+static int granted_in_tx(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const char *user_id,
+                         const char *group_id, bool *won, char *errstr, size_t errstr_size) {
+  *won = false;
   qm_pg_param_t p1[] = {QM_PG_INT64(o->id)};
   qm_pg_result_t *res = NULL;
-  rc = qm_pg_exec(pg,
+  int rc = qm_pg_exec(pg,
                   "UPDATE grant_ops SET state = 'done', finished_at = now(), lease_until = NULL,"
                   " last_error = NULL WHERE id = $1::bigint AND state = 'pending'",
                   p1, 1, &res, errstr, errstr_size);
   if (rc != QM_OK) goto fail;
-  int64_t won = qm_pg_affected(res);
+  *won = qm_pg_affected(res) > 0;
   qm_pg_result_destroy(res);
   res = NULL;
-  if (won == 0) { /* another worker finished it after our lease ran out */
-    qm_pg_rollback(pg, NULL, 0);
-    return QM_OK;
-  }
+  if (!*won) return QM_OK; /* another worker finished it after our lease ran out */
   /* The clock of a time-bound grant starts now, when access is applied. */
   qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(user_id), QM_PG_TEXT(group_id),
                         QM_PG_INT64(prov->day_ms)};
@@ -182,17 +181,47 @@ static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const 
   rc = qm_service_emit(prov->svc, pg, QM_TOPIC_ACCESS, o->person_id, "qm.access.granted.v1",
                        o->request_id, o->traceparent, &ae.base, NULL, errstr, errstr_size);
   if (ap) qm__v1__request_approved__free_unpacked(ap, NULL);
-  if (rc != QM_OK) goto fail;
-  rc = qm_pg_commit(pg, errstr, errstr_size);
-  if (rc == QM_OK) {
-    qm_log(QM_LOG_INFO, o->request_id, NULL, "granted %s to %s (grant %s)", o->grp, o->person_id,
-           o->grant_id);
-    qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){"grant", "done"}));
-  }
   return rc;
 fail:
   qm_pg_result_destroy(res);
-  qm_pg_rollback(pg, NULL, 0);
+  return rc;
+}
+
+static void log_granted(prov_t *prov, const grant_op_t *o) {
+  qm_log(QM_LOG_INFO, o->request_id, NULL, "granted %s to %s (grant %s)", o->grp, o->person_id,
+         o->grant_id);
+  qm_metrics_inc(qm_metrics_child(prov->m_ops, (const char *const[]){"grant", "done"}));
+}
+
+/* One operation granted, in a transaction of its own. */
+static int finish_granted(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const char *user_id,
+                          const char *group_id, char *errstr, size_t errstr_size) {
+  int rc = qm_pg_begin(pg, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  bool won = false;
+  rc = granted_in_tx(prov, pg, o, user_id, group_id, &won, errstr, errstr_size);
+  if (rc == QM_OK && won) rc = qm_pg_commit(pg, errstr, errstr_size);
+  else qm_pg_rollback(pg, NULL, 0);
+  if (rc == QM_OK && won) log_granted(prov, o);
+  return rc;
+}
+
+/* Several operations granted by one directory request, in one transaction
+ * (a commit per batch instead of per grant). On an error nothing of it
+ * commits and the caller finishes them one by one. */
+static int finish_granted_batch(prov_t *prov, qm_pg_t *pg, const grant_op_t *ops, const int *idx,
+                                char (*uids)[1024], const char *group_id, int k, char *errstr,
+                                size_t errstr_size) {
+  int rc = qm_pg_begin(pg, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  bool won[CLAIM_BATCH];
+  for (int x = 0; x < k && rc == QM_OK; x++)
+    rc = granted_in_tx(prov, pg, &ops[idx[x]], uids[x], group_id, &won[x], errstr, errstr_size);
+  if (rc == QM_OK) rc = qm_pg_commit(pg, errstr, errstr_size);
+  else qm_pg_rollback(pg, NULL, 0);
+  if (rc == QM_OK)
+    for (int x = 0; x < k; x++)
+      if (won[x]) log_granted(prov, &ops[idx[x]]);
   return rc;
 }
 
@@ -371,6 +400,25 @@ fail:
   return rc;
 }
 
+/* True when another grant of the same person keeps the same group of the
+ * same connector (held, or on its way): a revoke then takes this grant away
+ * without removing the membership the other one still needs. */
+static int held_elsewhere(qm_pg_t *pg, const grant_op_t *o) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(o->person_id), QM_PG_TEXT(o->connector), QM_PG_TEXT(o->grp),
+                       QM_PG_TEXT(o->grant_id)};
+  qm_pg_result_t *res = NULL;
+  char errstr[256];
+  if (qm_pg_exec(pg,
+                 "SELECT 1 FROM grants WHERE person_id = $1 AND connector = $2 AND grp = $3"
+                 " AND grant_id <> $4 AND state IN ('pending', 'active') AND revoke_reason IS NULL"
+                 " LIMIT 1",
+                 p, 4, &res, errstr, sizeof(errstr)) != QM_OK)
+    return -1;
+  int held = qm_pg_ntuples(res) > 0;
+  qm_pg_result_destroy(res);
+  return held;
+}
+
 /* Applies one claimed operation to the directory and records the outcome. */
 static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
   char why[512] = "";
@@ -378,9 +426,17 @@ static void apply_op(prov_t *prov, qm_pg_t *pg, const grant_op_t *o) {
   int rc;
   prov_conn_t *c = prov_conn_find(prov, o->connector);
   bool revoke = !strcmp(o->op, "revoke");
+  int held = 0;
   if (!c) {
     rc = qm_err(why, sizeof(why), QM_EINVAL,
                 "unknown connector '%s' (configure it in QM_CONNECTORS_FILE)", o->connector);
+  } else if (revoke && (held = held_elsewhere(pg, o)) != 0) {
+    if (held > 0)
+      qm_log(QM_LOG_INFO, o->request_id, NULL,
+             "revoke %s: %s keeps %s through another grant; membership left in place",
+             o->grant_id, o->person_id, o->grp);
+    rc = held > 0 ? QM_OK
+                  : qm_err(why, sizeof(why), QM_ETRANSIENT, "cannot check the person's other grants");
   } else {
     /* Ids are cached; a directory that re-keyed a user or group (deleted and
      * re-created it) refuses the stale id, so a refusal gets one more try
@@ -459,6 +515,13 @@ static void apply_claimed(prov_t *prov, qm_pg_t *pg, const grant_op_t *ops, int 
                   ops[i].grp, why);
       continue;
     }
+    char berr[512] = "";
+    if (finish_granted_batch(prov, pg, ops, idx, uids, group_id, k, berr, sizeof(berr)) == QM_OK) {
+      for (int x = 0; x < k; x++) done[idx[x]] = true;
+      continue;
+    }
+    qm_log_warn("recording %d grants of %s in one transaction failed (%s); one by one", k,
+                ops[i].grp, berr);
     for (int x = 0; x < k; x++) {
       char errstr[512] = "";
       const grant_op_t *o = &ops[idx[x]];

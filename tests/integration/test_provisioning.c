@@ -223,6 +223,42 @@ static void c_mover_revoke_ldap_last_member(it_stack_t *st, it_cases_t *cs) {
   json_decref(m);
 }
 
+static void c_two_grants_one_membership(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  /* The same group through two requests (e.g. birthright and a manual one):
+   * revoking one must not take away what the other still grants. */
+  char r1[QM_UUID_STR_LEN], r2[QM_UUID_STR_LEN];
+  new_id(r1);
+  new_id(r2);
+  it_approved_t a1 = {.request_id = r1, .person_id = "p-0230", .item_id = "confluence",
+                      .role_id = "user", .group = "app-confluence-user"};
+  it_approved_t a2 = {.request_id = r2, .person_id = "p-0230", .item_id = "confluence-space",
+                      .role_id = "user", .group = "app-confluence-user"};
+  it_publish_approved(st, &a1);
+  it_publish_approved(st, &a2);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r1);
+  want_events(cs, c, pat, 1);
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r2);
+  want_events(cs, c, pat, 1);
+  it_publish_revocation(st, r1, "p-0230", "confluence", "user", "review");
+  snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\",\"reason\":\"review\"}", r1);
+  want_events(cs, c, pat, 1);
+  json_t *m = it_scim_members(st, "app-confluence-user");
+  IT_CHECK(cs, has_member(m, "p-0230"),
+           "revoking one of two grants of the same group removed the membership");
+  json_decref(m);
+  char *s2 = grant_state(st, r2);
+  IT_CHECK(cs, !strcmp(s2, "active"), "the other grant is %s", s2);
+  free(s2);
+  it_publish_revocation(st, r2, "p-0230", "confluence-space", "user", "review");
+  snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\"}", r2);
+  want_events(cs, c, pat, 1);
+  m = it_scim_members(st, "app-confluence-user");
+  IT_CHECK(cs, !has_member(m, "p-0230"), "the last grant revoked, but the membership stayed");
+  json_decref(m);
+}
+
 static void c_expiry_notice_extension(it_stack_t *st, it_cases_t *cs) {
   ctx_t *c = cs->ctx;
   char ra[QM_UUID_STR_LEN], rb[QM_UUID_STR_LEN], rx[QM_UUID_STR_LEN];
@@ -429,6 +465,8 @@ Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .time
   it_case_run(&cs, st, "admin revoke (SCIM), grants by person and by item", c_admin_revoke);
   it_case_run(&cs, st, "mover revocation (LDAP, last member of a groupOfNames)",
               c_mover_revoke_ldap_last_member);
+  it_case_run(&cs, st, "two grants of one group: membership kept until the last is revoked",
+              c_two_grants_one_membership);
   it_case_run(&cs, st, "expiry on a short clock, notice webhook, extension", c_expiry_notice_extension);
   it_case_run(&cs, st, "leaver: every grant revoked, each with its event, timed", c_leaver);
   it_case_run(&cs, st, "drift found (SCIM, LDAP) and repaired (LDAP)", c_drift);
