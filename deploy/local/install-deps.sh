@@ -10,7 +10,7 @@ PACKAGES=(
     build-essential cmake pkg-config git curl ca-certificates openssl
     librdkafka-dev libprotobuf-c-dev protobuf-c-compiler libpq-dev libhiredis-dev
     libcurl4-openssl-dev libcriterion-dev libmicrohttpd-dev libjansson-dev libjwt-dev
-    libyaml-dev libldap2-dev libssl-dev uuid-dev
+    libyaml-dev libldap2-dev libssl-dev uuid-dev libcsv-dev
     slapd ldap-utils postgresql postgresql-client redis-server
 )
 # These four may come from outside apt (SDKMAN, NodeSource, a tarball...):
