@@ -969,6 +969,15 @@ int qm_kafka_create_topics(const char *brokers, const char *const *names, size_t
                   names[i] ? names[i] : "(null)", names[i] ? rkerr : "no name");
       goto out;
     }
+    /* The audit topic is evidence: the broker must not delete it after its
+     * default seven days (audit's own retention, QM_AUDIT_RETENTION, prunes
+     * the ledger; the topic is kept for ever unless an operator decides). */
+    size_t len = strlen(names[i]), alen = strlen(QM_TOPIC_AUDIT);
+    if (len >= alen && !strcmp(names[i] + len - alen, QM_TOPIC_AUDIT) &&
+        rd_kafka_NewTopic_set_config(newt[i], "retention.ms", "-1") != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      rc = qm_err(errstr, errstr_size, QM_EINVAL, "topic %s: cannot set retention.ms", names[i]);
+      goto out;
+    }
   }
   opts = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
   if (rd_kafka_AdminOptions_set_request_timeout(opts, timeout_ms, rkerr, sizeof(rkerr)) ||

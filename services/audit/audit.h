@@ -32,6 +32,7 @@ int audit_verify_main(int argc, char **argv);  /* verify.c */
 int audit_export_main(int argc, char **argv);  /* export.c */
 int audit_keygen_main(int argc, char **argv);  /* keys.c */
 int audit_pubkey_main(int argc, char **argv);  /* keys.c */
+int audit_prune_main(int argc, char **argv);   /* prune.c */
 
 /* The ledger's migrations (main.c), versions 2 and up. */
 extern const qm_migration_t audit_migrations[];
@@ -56,9 +57,27 @@ int audit_ckpt_round(qm_service_t *svc, qm_pg_t *pg, const chain_key_t *key, int
 int audit_ckpt_start(qm_service_t *svc, const chain_key_t *key, int64_t interval_ms,
                      audit_ckpt_t **out, char *errstr, size_t errstr_size);
 
+/* Also runs a retention round (audit_prune_round()) after a checkpoint round
+ * at most every prune_interval_ms, removing what is older than retention_ms
+ * (0: never), at most batch records per chain and round. Call before the
+ * signer's first round matters (right after audit_ckpt_start()). */
+void audit_ckpt_set_retention(audit_ckpt_t *c, int64_t retention_ms, int64_t prune_interval_ms,
+                              int64_t batch);
+
 /* Stops the signer: a last round (retried for up to a few seconds), then
  * the thread ends and c is freed. NULL is a no-op. */
 void audit_ckpt_stop(audit_ckpt_t *c);
+
+/* ---- retention (prune.c) ---------------------------------------------------- */
+
+/* One retention round on pg (not in a transaction): for each chain, removes
+ * the records up to the newest checkpoint signed with key_id before
+ * cutoff_ms — at most max_records past the chain's current anchor — and
+ * records the anchor, one transaction per chain. *pruned receives the
+ * records removed. Skips the round when another instance holds the prune
+ * lock. */
+int audit_prune_round(qm_pg_t *pg, const char *key_id, int64_t cutoff_ms, int64_t max_records,
+                      int64_t *pruned, char *errstr, size_t errstr_size);
 
 /* ---- JSON Lines (export.c) ------------------------------------------------- */
 

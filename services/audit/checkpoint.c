@@ -19,6 +19,7 @@
 #include "qm_topics.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,9 @@ struct audit_ckpt {
   pthread_mutex_t lock;
   pthread_cond_t cond;
   bool stop;
+  /* retention (prune.c), set once before rounds matter */
+  _Atomic int64_t retention_ms, prune_interval_ms, prune_batch;
+  int64_t last_prune_ms; /* monotonic; the thread's own */
 };
 
 /* Signs, stores and emits one chain's head inside the open transaction. */
@@ -156,6 +160,20 @@ static void *ckpt_thread(void *arg) {
                   "one missed", qm_strerror(rc), errstr, (long long)c->interval_ms);
     else if (n > 0)
       qm_log_debug("checkpoint: %d chain head(s) signed with key %s", n, key_id);
+    int64_t retention = atomic_load(&c->retention_ms);
+    if (rc == QM_OK && retention > 0 &&
+        (c->last_prune_ms == 0 || qm_mono_ms() - c->last_prune_ms >= atomic_load(&c->prune_interval_ms))) {
+      c->last_prune_ms = qm_mono_ms();
+      int64_t pruned = 0;
+      rc = audit_prune_round(c->pg, key_id, qm_now_ms() - retention, atomic_load(&c->prune_batch),
+                             &pruned, errstr, sizeof(errstr));
+      if (rc != QM_OK)
+        qm_log_warn("retention round failed (%s: %s); retried at the next round", qm_strerror(rc),
+                    errstr);
+      else if (pruned > 0)
+        qm_log_info("retention: %lld records older than %lld ms removed", (long long)pruned,
+                    (long long)retention);
+    }
   }
   /* The last round, so the final heads of this run are signed. The
    * connection cannot be re-established once shutdown began (qm_pg_ensure
@@ -195,6 +213,13 @@ int audit_ckpt_start(qm_service_t *svc, const chain_key_t *key, int64_t interval
   }
   *out = c;
   return QM_OK;
+}
+
+void audit_ckpt_set_retention(audit_ckpt_t *c, int64_t retention_ms, int64_t prune_interval_ms,
+                              int64_t batch) {
+  atomic_store(&c->prune_interval_ms, prune_interval_ms);
+  atomic_store(&c->prune_batch, batch);
+  atomic_store(&c->retention_ms, retention_ms);
 }
 
 void audit_ckpt_stop(audit_ckpt_t *c) {

@@ -905,18 +905,18 @@ static const report_t reports[] = {
     {"leavers-outstanding", "Leavers who still hold access or equipment",
      "WITH l AS (SELECT person_id, max(at_ms) AS at FROM ledger_facts WHERE kind = 'hr_leaver'"
      " AND at_ms >= $1 AND at_ms < $2 GROUP BY person_id),"
-     " gr AS (SELECT f.person_id, f.object_id, f.item_id FROM ledger_facts f JOIN l USING (person_id)"
+     " gr AS (SELECT f.person_id, json_agg(json_build_object('grant_id', f.object_id, 'item_id',"
+     " f.item_id) ORDER BY f.at_ms) AS grants FROM ledger_facts f JOIN l USING (person_id)"
      " WHERE f.kind = 'granted' AND NOT f.flag AND NOT EXISTS (SELECT 1 FROM ledger_facts r"
-     " WHERE r.object_id = f.object_id AND r.kind = 'revoked')),"
-     " ast AS (SELECT f.person_id, f.object_id FROM ledger_facts f JOIN l USING (person_id)"
-     " WHERE f.kind = 'asset_checked_out' AND NOT EXISTS (SELECT 1 FROM ledger_facts r"
-     " WHERE r.object_id = f.object_id AND r.kind = 'asset_returned' AND r.at_ms >= f.at_ms))"
+     " WHERE r.object_id = f.object_id AND r.kind = 'revoked') GROUP BY f.person_id),"
+     " ast AS (SELECT f.person_id, json_agg(f.object_id ORDER BY f.at_ms) AS assets"
+     " FROM ledger_facts f JOIN l USING (person_id) WHERE f.kind = 'asset_checked_out'"
+     " AND NOT EXISTS (SELECT 1 FROM ledger_facts r WHERE r.object_id = f.object_id"
+     " AND r.kind = 'asset_returned' AND r.at_ms >= f.at_ms) GROUP BY f.person_id)"
      " SELECT coalesce(json_agg(t ORDER BY t.left_at_ms), '[]') FROM (SELECT l.person_id,"
-     " l.at AS left_at_ms, coalesce((SELECT json_agg(json_build_object('grant_id', object_id,"
-     " 'item_id', item_id)) FROM gr WHERE gr.person_id = l.person_id), '[]') AS grants,"
-     " coalesce((SELECT json_agg(object_id) FROM ast WHERE ast.person_id = l.person_id), '[]')"
-     " AS assets FROM l WHERE EXISTS (SELECT 1 FROM gr WHERE gr.person_id = l.person_id)"
-     " OR EXISTS (SELECT 1 FROM ast WHERE ast.person_id = l.person_id) ORDER BY l.at LIMIT $3) t"},
+     " l.at AS left_at_ms, coalesce(gr.grants, '[]') AS grants, coalesce(ast.assets, '[]')"
+     " AS assets FROM l LEFT JOIN gr USING (person_id) LEFT JOIN ast USING (person_id)"
+     " WHERE gr.person_id IS NOT NULL OR ast.person_id IS NOT NULL ORDER BY l.at LIMIT $3) t"},
 };
 
 static void report_list(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {

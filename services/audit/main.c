@@ -115,6 +115,31 @@ const qm_migration_t audit_migrations[] = {
      "CREATE INDEX ledger_time ON ledger (event_time_ms);"
      "CREATE INDEX ledger_person ON ledger (person_id, event_time_ms);"
      "CREATE INDEX ledger_actor ON ledger (actor_id, event_time_ms) WHERE actor_id <> '';"},
+    {5, "retention: anchors of pruned chains; flagged facts",
+     /* prune.c: the start of a pruned chain, vouched for by a checkpoint. */
+     "CREATE TABLE ledger_anchors ("
+     " id bigserial PRIMARY KEY,"
+     " chain_id text NOT NULL,"
+     " seq bigint NOT NULL,"
+     " hash bytea NOT NULL,"
+     " checkpoint_id bigint NOT NULL,"
+     " pruned_at_ms bigint NOT NULL,"
+     " records bigint NOT NULL);"
+     "CREATE INDEX ledger_anchors_chain ON ledger_anchors (chain_id, seq);"
+     /* break-glass and automatic revocations: a few flagged facts among many */
+     "CREATE INDEX ledger_facts_flagged ON ledger_facts (kind, at_ms) WHERE flag;"
+     "CREATE TRIGGER ledger_anchors_no_change BEFORE UPDATE OR DELETE ON ledger_anchors"
+     " FOR EACH ROW EXECUTE FUNCTION ledger_refuse();"
+     "CREATE TRIGGER ledger_anchors_no_truncate BEFORE TRUNCATE ON ledger_anchors"
+     " FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse();"
+     /* The one way past the ledger's trigger: a DELETE of ledger rows in a
+      * transaction that set qm.audit.prune (only prune.c does). */
+     "CREATE OR REPLACE FUNCTION ledger_refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
+     " BEGIN"
+     " IF TG_OP = 'DELETE' AND TG_TABLE_NAME = 'ledger'"
+     " AND current_setting('qm.audit.prune', true) = 'on' THEN RETURN OLD; END IF;"
+     " RAISE EXCEPTION 'the audit ledger is append-only: % refused', TG_OP"
+     " USING ERRCODE = 'insufficient_privilege'; END $$;"},
 };
 const size_t audit_n_migrations = QM_ARRAY_LEN(audit_migrations);
 
@@ -125,6 +150,15 @@ static const qm_cfg_def_t audit_config[] = {
     {"QM_AUDIT_CHECKPOINT_INTERVAL", QM_CFG_MS, "60s",
      "How often every chain whose head moved is signed (and once more at shutdown).", 100,
      86400000, 0},
+    {"QM_AUDIT_RETENTION", QM_CFG_MS, "2557d",
+     "How long ledger records are kept (default seven years; 0 keeps them for ever). Older "
+     "records are pruned from the start of each chain up to a signed checkpoint, leaving an "
+     "anchor that `qm-audit verify` checks.", 0, 36500LL * 86400000, 0},
+    {"QM_AUDIT_PRUNE_INTERVAL", QM_CFG_MS, "1h", "How often retention runs (after a checkpoint round).",
+     1000, 7LL * 86400000, 0},
+    {"QM_AUDIT_PRUNE_BATCH", QM_CFG_INT, "100000",
+     "At most this many records are pruned per chain and round (one transaction each).", 1,
+     10000000, 0},
     {"QM_AUDIT_MAX_EXPORTS", QM_CFG_INT, "4",
      "Exports (GET /v1/audit/export) that may stream at once, each on a database connection of "
      "its own; more are answered 429 with Retry-After.", 1, 64, 0},
@@ -539,6 +573,11 @@ static int init(qm_service_t *svc, void **app_out, char *errstr, size_t errstr_s
                           qm_config_ms(qm_service_config(svc), "QM_AUDIT_CHECKPOINT_INTERVAL"),
                           &app->ckpt, errstr, errstr_size);
   if (rc == QM_OK)
+    audit_ckpt_set_retention(app->ckpt,
+                             qm_config_ms(qm_service_config(svc), "QM_AUDIT_RETENTION"),
+                             qm_config_ms(qm_service_config(svc), "QM_AUDIT_PRUNE_INTERVAL"),
+                             qm_config_int(qm_service_config(svc), "QM_AUDIT_PRUNE_BATCH"));
+  if (rc == QM_OK)
     qm_log_info("ledger: %d chains, checkpoints every %lld ms", app->n_chains,
                 (long long)qm_config_ms(qm_service_config(svc), "QM_AUDIT_CHECKPOINT_INTERVAL"));
   return rc;
@@ -596,6 +635,7 @@ static void usage(FILE *out) {
           "       qm-audit pubkey [FILE]\n"
           "       qm-audit migrate\n"
           "       qm-audit reindex      rebuild the report facts from the ledger\n"
+          "       qm-audit prune --older-than DURATION   retention by hand (the service does it too)\n"
           "  See docs/audit.md. The tools read QM_PG_DSN, QM_KAFKA_BROKERS, QM_TOPIC_PREFIX and\n"
           "  QM_AUDIT_SIGNING_KEY_FILE from the environment.\n");
 }
@@ -614,6 +654,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "pubkey")) return audit_pubkey_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "migrate")) return migrate_main();
     if (!strcmp(cmd, "reindex")) return audit_reindex_main(argc - 1, argv + 1);
+    if (!strcmp(cmd, "prune")) return audit_prune_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "help")) {
       usage(stdout);
       return 0;

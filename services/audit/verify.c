@@ -112,7 +112,8 @@ static bool db_find(void *ctx, const char *chain_id, const uint8_t hash[CHAIN_HA
 }
 
 /* Feeds one chain's head, checkpoints and records to the walk. */
-static int db_chain(qm_pg_t *pg, walk_t *w, const char *chain, bool have_cps, char *errstr,
+static int db_chain(qm_pg_t *pg, walk_t *w, const char *chain, bool have_cps,
+                    bool have_anchors, char *errstr,
                     size_t errstr_size) {
   qm_pg_param_t hp[] = {QM_PG_TEXT(chain)};
   qm_pg_result_t *res = NULL;
@@ -156,6 +157,26 @@ static int db_chain(qm_pg_t *pg, walk_t *w, const char *chain, bool have_cps, ch
     qm_pg_result_destroy(res);
     res = NULL;
   }
+  /* Pruned by retention: the chain goes on from the latest anchor. */
+  if (have_anchors) {
+    rc = qm_pg_exec(pg,
+                    "SELECT seq, hash, pruned_at_ms FROM ledger_anchors WHERE chain_id = $1"
+                    " ORDER BY seq DESC LIMIT 1",
+                    hp, 1, &res, errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+  }
+  if (res && qm_pg_ntuples(res) == 1) {
+    int64_t seq = 0, at = 0;
+    unsigned char *h = NULL;
+    size_t hlen = 0;
+    qm_pg_get_int64(res, 0, 0, &seq);
+    qm_pg_get_bytes(res, 0, 1, &h, &hlen);
+    qm_pg_get_int64(res, 0, 2, &at);
+    walk_anchor(w, chain, seq, h, hlen, at);
+    free(h);
+  }
+  qm_pg_result_destroy(res);
+  res = NULL;
   /* A cursor: one index scan in sequence order, whatever the statistics
    * (repeated "seq > last LIMIT n" queries degrade to a sort per batch on a
    * freshly loaded table). */
@@ -228,10 +249,17 @@ static int verify_db(const verify_opts_t *o, const chain_key_t *pub) {
   bool have_cps = !strcmp(qm_pg_get(res, 0, 0), "t");
   qm_pg_result_destroy(res);
   res = NULL;
+  /* Nor, before migration 5, anchors of pruned chains. */
+  if (qm_pg_exec(pg, "SELECT to_regclass('ledger_anchors') IS NOT NULL", NULL, 0, &res, errstr,
+                 sizeof(errstr)) != QM_OK)
+    goto fail;
+  bool have_anchors = !strcmp(qm_pg_get(res, 0, 0), "t");
+  qm_pg_result_destroy(res);
+  res = NULL;
   db_ctx_t d = {.pg = pg};
   w = walk_new(pub, false, db_find, &d, "db");
   if (o->chain) {
-    if (db_chain(pg, w, o->chain, have_cps, errstr, sizeof(errstr)) != QM_OK) goto fail;
+    if (db_chain(pg, w, o->chain, have_cps, have_anchors, errstr, sizeof(errstr)) != QM_OK) goto fail;
   } else {
     if (qm_pg_exec(pg,
                    have_cps ? "SELECT chain_id FROM chain_heads UNION SELECT DISTINCT chain_id"
@@ -241,7 +269,7 @@ static int verify_db(const verify_opts_t *o, const chain_key_t *pub) {
                    NULL, 0, &res, errstr, sizeof(errstr)) != QM_OK)
       goto fail;
     for (int i = 0; i < qm_pg_ntuples(res); i++)
-      if (db_chain(pg, w, qm_pg_get(res, i, 0), have_cps, errstr, sizeof(errstr)) != QM_OK)
+      if (db_chain(pg, w, qm_pg_get(res, i, 0), have_cps, have_anchors, errstr, sizeof(errstr)) != QM_OK)
         goto fail;
     if (qm_pg_ntuples(res) == 0) {
       printf("EMPTY: the ledger has no chains (nothing to verify) [db]\n");

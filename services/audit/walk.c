@@ -51,6 +51,11 @@ typedef struct wchain {
   int64_t head_seq;
   uint8_t head_hash[CHAIN_HASH_LEN];
   bool head_len_ok;
+  /* pruned by retention up to anchor_seq (walk_anchor()) */
+  bool anchored, anchor_checked;
+  int64_t anchor_seq, pruned_at_ms;
+  uint8_t anchor_hash[CHAIN_HASH_LEN];
+  bool anchor_len_ok;
   /* outcome */
   bool broken;
   int64_t bad_seq;
@@ -122,6 +127,8 @@ static int cmp_entry(const void *a, const void *b) {
   if (x->seq != y->seq) return x->seq < y->seq ? -1 : 1;
   return x->order < y->order ? -1 : x->order > y->order;
 }
+
+static void check_anchor(walk_t *w, wchain_t *ch);
 
 static void sort_cps(wchain_t *ch) {
   if (ch->cps_sorted) return;
@@ -262,6 +269,7 @@ void walk_record(walk_t *w, const chain_record_t *r, const uint8_t *prev, size_t
     return;
   }
   sort_cps(ch);
+  check_anchor(w, ch);
   step(w, ch, &e);
 }
 
@@ -303,6 +311,41 @@ void walk_head(walk_t *w, const char *chain_id, int64_t seq, const uint8_t *hash
   if (ch->head_len_ok) memcpy(ch->head_hash, hash, CHAIN_HASH_LEN);
 }
 
+void walk_anchor(walk_t *w, const char *chain_id, int64_t seq, const uint8_t *hash,
+                 size_t hash_len, int64_t pruned_at_ms) {
+  wchain_t *ch = chain_get(w, chain_id);
+  ch->anchored = true;
+  ch->anchor_seq = seq;
+  ch->pruned_at_ms = pruned_at_ms;
+  ch->anchor_len_ok = hash_len == CHAIN_HASH_LEN;
+  if (ch->anchor_len_ok) memcpy(ch->anchor_hash, hash, CHAIN_HASH_LEN);
+  ch->expect = seq + 1;
+  if (ch->anchor_len_ok) memcpy(ch->prev, hash, CHAIN_HASH_LEN);
+}
+
+/* Once per anchored chain, before its first record: a checkpoint at exactly
+ * the anchor's sequence must vouch for the anchor's hash. */
+static void check_anchor(walk_t *w, wchain_t *ch) {
+  if (!ch->anchored || ch->anchor_checked || ch->broken) return;
+  ch->anchor_checked = true;
+  sort_cps(ch);
+  bool vouched = false;
+  for (size_t i = 0; i < ch->n_cps && !vouched; i++) {
+    const wcp_t *cp = &ch->cps[i];
+    if (cp->seq != ch->anchor_seq || !ch->anchor_len_ok) continue;
+    if (memcmp(cp->head, ch->anchor_hash, CHAIN_HASH_LEN) != 0) continue;
+    vouched = w->pubkey ? cp->state == CP_VERIFIED : true;
+  }
+  if (!vouched)
+    chain_break(ch, ch->anchor_seq, "anchor",
+                "records 1..%lld were pruned (at %lld ms) but no checkpoint%s vouches for the "
+                "hash of record %lld the chain now starts from (records removed from the start)",
+                (long long)ch->anchor_seq, (long long)ch->pruned_at_ms,
+                w->pubkey ? " signed with the trusted key" : "", (long long)ch->anchor_seq);
+  /* Checkpoints at or below the anchor cover pruned records: done with them. */
+  while (ch->cp_next < ch->n_cps && ch->cps[ch->cp_next].seq <= ch->anchor_seq) ch->cp_next++;
+}
+
 void walk_chain(walk_t *w, const char *chain_id) { chain_get(w, chain_id); }
 
 bool walk_broken(const walk_t *w, const char *chain_id) {
@@ -320,6 +363,7 @@ int64_t walk_records(const walk_t *w) {
 /* The end of one chain: the stored head, then checkpoints beyond the end. */
 static void finish_chain(walk_t *w, wchain_t *ch) {
   sort_cps(ch);
+  check_anchor(w, ch);
   if (w->collect) {
     if (ch->n_ents > 1) qsort(ch->ents, ch->n_ents, sizeof(*ch->ents), cmp_entry);
     for (size_t i = 0; i < ch->n_ents && !ch->broken; i++) step(w, ch, &ch->ents[i]);
@@ -396,6 +440,11 @@ int walk_finish(walk_t *w, FILE *out) {
                (long long)ch->cp_unchecked, ch->cp_unchecked == 1 ? "" : "s");
     char repeats[64] = "";
     if (ch->repeats) snprintf(repeats, sizeof(repeats), ", %lld identical repeats ignored", (long long)ch->repeats);
+    if (ch->records == 0 && ch->anchored) {
+      fprintf(out, "EMPTY: chain %s has no records left (1..%lld pruned by retention, anchored to a "
+              "checkpoint; %s) [%s]\n", ch->id, (long long)ch->anchor_seq, cps, w->source);
+      continue;
+    }
     if (ch->records == 0) {
       fprintf(out, "EMPTY: chain %s has no records (nothing to verify; %s) [%s]\n", ch->id, cps,
               w->source);
@@ -403,8 +452,12 @@ int walk_finish(walk_t *w, FILE *out) {
     }
     char hex[65];
     chain_hex(ch->prev, hex);
-    fprintf(out, "OK: chain %s intact, %lld records verified, head %lld %s; %s%s [%s, %lld ms]\n",
-            ch->id, (long long)ch->records, (long long)(ch->expect - 1), hex, cps, repeats,
+    char pruned[128] = "";
+    if (ch->anchored)
+      snprintf(pruned, sizeof(pruned), " from %lld (1..%lld pruned by retention, anchored to a checkpoint)",
+               (long long)ch->anchor_seq + 1, (long long)ch->anchor_seq);
+    fprintf(out, "OK: chain %s intact, %lld records verified%s, head %lld %s; %s%s [%s, %lld ms]\n",
+            ch->id, (long long)ch->records, pruned, (long long)(ch->expect - 1), hex, cps, repeats,
             w->source, ms);
   }
   return status;

@@ -18,7 +18,9 @@
  *   checkpoint   a signed checkpoint's head hash is not the recomputed hash
  *                at its sequence (the chain was rewritten after it);
  *   signature    a checkpoint claiming the trusted key's id has an invalid
- *                signature (forged or altered checkpoint).
+ *                signature (forged or altered checkpoint);
+ *   anchor       the chain was pruned (retention) up to a record no
+ *                checkpoint vouches for (records removed from the start).
  *
  * Two ways to feed it. Streaming (collect = false): each chain's records in
  * ascending sequence order, checkpoints and head before the records; memory
@@ -68,6 +70,15 @@ void walk_checkpoint(walk_t *w, const chain_checkpoint_t *cp, const char *algori
 /* Declares the stored chain head (database source): compared at the end. */
 void walk_head(walk_t *w, const char *chain_id, int64_t seq, const uint8_t *hash,
                size_t hash_len);
+
+/* Declares that chain_id's records up to seq were pruned by retention and
+ * the chain goes on from the record whose hash is hash (an anchor): the walk
+ * expects seq + 1 next, linked to hash, and requires a checkpoint at exactly
+ * seq with that head hash — signed with the trusted key when there is one —
+ * else the chain is broken ("anchor"). Feed it after the checkpoints and
+ * before the records. */
+void walk_anchor(walk_t *w, const char *chain_id, int64_t seq, const uint8_t *hash,
+                 size_t hash_len, int64_t pruned_at_ms);
 
 /* Declares a chain that exists (e.g. a head row) even without records. */
 void walk_chain(walk_t *w, const char *chain_id);

@@ -567,6 +567,9 @@ static void restore(it_stack_t *st) {
                     "INSERT INTO audit.checkpoints SELECT * FROM it_tamper.checkpoints;"
                     "DELETE FROM audit.chain_heads;"
                     "INSERT INTO audit.chain_heads SELECT * FROM it_tamper.heads;"
+                    "ALTER TABLE audit.ledger_anchors DISABLE TRIGGER USER;"
+                    "DELETE FROM audit.ledger_anchors;"
+                    "ALTER TABLE audit.ledger_anchors ENABLE TRIGGER USER;"
                     "ALTER TABLE audit.ledger ENABLE TRIGGER USER;"
                     "ALTER TABLE audit.checkpoints ENABLE TRIGGER USER;"));
 }
@@ -764,6 +767,93 @@ static void case_head_changed(it_stack_t *st, it_cases_t *cs) {
   expect_verify(cs, false, 1, ctx->len, "head");
 }
 
+/* Retention: `qm-audit prune` with the signing key removes the start of
+ * every chain up to a checkpoint signed before the cut-off and leaves an
+ * anchor; the pruned chain verifies from the anchor. Returns the tampered
+ * chain's anchor sequence. */
+static long long prune_all(it_stack_t *st, it_cases_t *cs) {
+  audit_ctx_t *ctx = cs->ctx;
+  restore(st);
+  char key_env[192];
+  snprintf(key_env, sizeof(key_env), "QM_AUDIT_SIGNING_KEY_FILE=%s", ctx->key_path);
+  const char *env[] = {ctx->env_dsn, key_env, NULL};
+  /* Up to a checkpoint in the middle of the tampered chain: --before just
+   * after it was signed, so later checkpoints stay (they sign later). */
+  char sql0[512], before[32];
+  snprintf(sql0, sizeof(sql0),
+           "SELECT signed_at_ms + 1 FROM audit.checkpoints WHERE chain_id = '%s' AND seq <= %lld"
+           " ORDER BY seq DESC, signed_at_ms DESC LIMIT 1", ctx->chain, ctx->len / 2);
+  snprintf(before, sizeof(before), "%lld", it_pg_int(st, sql0));
+  const char *argv[] = {AUDIT_BIN, "prune", "--before", before, "--batch", "2", NULL};
+  char *out = NULL, *err = NULL;
+  int rc = it_run(argv, env, 60000, &out, &err);
+  fprintf(stderr, "[it audit]   prune -> %d: %s%s", rc, out, err);
+  IT_CHECK(cs, rc == 0 && strstr(out, "pruned "), "qm-audit prune exited %d: %s %s", rc, out, err);
+  free(out);
+  free(err);
+  char sql[256];
+  snprintf(sql, sizeof(sql),
+           "SELECT coalesce(max(seq), 0) FROM audit.ledger_anchors WHERE chain_id = '%s'", ctx->chain);
+  long long anchor = it_pg_int(st, sql);
+  snprintf(sql, sizeof(sql), "SELECT count(*) FROM audit.ledger WHERE chain_id = '%s' AND seq <= %lld",
+           ctx->chain, anchor);
+  IT_CHECK(cs, anchor > 0 && it_pg_int(st, sql) == 0,
+           "chain %s: anchor at %lld, records at or below it remain", ctx->chain, anchor);
+  return anchor;
+}
+
+static void case_pruned(it_stack_t *st, it_cases_t *cs) {
+  audit_ctx_t *ctx = cs->ctx;
+  prune_all(st, cs);
+  /* Batches of 2: several anchors per chain; the latest counts. */
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM audit.ledger_anchors") > N_CHAINS,
+           "expected several anchors per chain with --batch 2");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM audit.ledger_facts f WHERE NOT EXISTS (SELECT 1"
+                             " FROM audit.ledger l WHERE l.chain_id = f.chain_id AND l.seq = f.seq)") == 0,
+           "facts of pruned records remain");
+  const char *a[] = {"verify", "--pubkey", ctx->pub_path, NULL};
+  char *out = NULL;
+  int rc = audit_run(ctx, a, &out);
+  fprintf(stderr, "[it audit]   verify --pubkey after prune -> %d: %s", rc, out);
+  IT_CHECK(cs, rc == 0 && strstr(out, "pruned by retention"), "a pruned ledger does not verify (%d): %s",
+           rc, out);
+  free(out);
+  /* The service's trigger still refuses a DELETE outside a prune. */
+  char *e = pg_refused(st, "DELETE FROM audit.ledger WHERE seq > 0");
+  IT_CHECK(cs, e && strstr(e, "append-only"), "DELETE outside a prune accepted: %s", e ? e : "(accepted)");
+  free(e);
+}
+
+static void case_anchor_removed(it_stack_t *st, it_cases_t *cs) {
+  prune_all(st, cs);
+  tamper(st, cs->ctx,
+         "ALTER TABLE audit.ledger_anchors DISABLE TRIGGER USER;"
+         "DELETE FROM audit.ledger_anchors WHERE chain_id = '%C';"
+         "ALTER TABLE audit.ledger_anchors ENABLE TRIGGER USER");
+  expect_verify(cs, true, 1, 1, "removed");
+}
+
+static void case_anchor_forged(it_stack_t *st, it_cases_t *cs) {
+  audit_ctx_t *ctx = cs->ctx;
+  long long anchor = prune_all(st, cs);
+  /* Someone removes one more record and claims it was pruned, without a
+   * checkpoint at that sequence to vouch for it. */
+  long long s = anchor + 1;
+  char tmpl[1024];
+  snprintf(tmpl, sizeof(tmpl),
+           "ALTER TABLE audit.ledger_anchors DISABLE TRIGGER USER;"
+           "INSERT INTO audit.ledger_anchors (chain_id, seq, hash, checkpoint_id, pruned_at_ms, records)"
+           " SELECT chain_id, seq, hash, (SELECT min(id) FROM audit.checkpoints), 0, 1"
+           " FROM audit.ledger WHERE chain_id = '%%C' AND seq = %lld;"
+           "DELETE FROM audit.checkpoints WHERE chain_id = '%%C' AND seq = %lld;"
+           "DELETE FROM audit.ledger WHERE chain_id = '%%C' AND seq = %lld;"
+           "ALTER TABLE audit.ledger_anchors ENABLE TRIGGER USER",
+           s, s, s);
+  IT_CHECK(cs, s < ctx->len, "chain %s is too short to forge an anchor past %lld", ctx->chain, anchor);
+  tamper(st, ctx, tmpl);
+  expect_verify(cs, true, 1, s, "anchor");
+}
+
 /* An export carrying a record twice verifies; two different records under
  * one sequence do not (what a topic reader must tell apart). */
 static void case_export_repeats(it_stack_t *st, it_cases_t *cs) {
@@ -917,6 +1007,9 @@ Test(audit_integrity, chains_checkpoints_and_tampering, .fini = it_fini) {
   it_case_run(&cs, st, "forged checkpoint", case_forged_checkpoint);
   it_case_run(&cs, st, "head changed", case_head_changed);
   it_case_run(&cs, st, "export repeats and conflicts", case_export_repeats);
+  it_case_run(&cs, st, "retention prunes to a signed checkpoint", case_pruned);
+  it_case_run(&cs, st, "a pruned chain's anchor removed", case_anchor_removed);
+  it_case_run(&cs, st, "an anchor no checkpoint vouches for", case_anchor_forged);
   cr_assert(it_cases_report(&cs, "audit integrity"), "some cases failed (see above)");
 
   for (size_t i = 0; i < N_CHAINS * 2; i++) free(ctx.request_ids[i]);
