@@ -2213,7 +2213,10 @@ it_instance_t *it_instance_start(it_stack_t *st, const char *name, const char *t
     int rc = wait_exit(in->pid, 0);
     if (rc != -2) {
       in->pid = 0;
-      fail_with_log(st, in->log_path, "an extra instance exited during start-up");
+      char what[128];
+      snprintf(what, sizeof(what), "an extra instance of qm-%s exited during start-up with status %d",
+               name, rc);
+      fail_with_log(st, in->log_path, what);
     }
     if (http_status_quick(in->port, "/readyz") == 200) break;
     if (it_now_ms() >= deadline) fail_with_log(st, in->log_path, "an extra instance is not ready");
