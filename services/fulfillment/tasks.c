@@ -474,10 +474,13 @@ int ff_leaver(ff_t *ff, qm_pg_t *tx, const char *person_id, const char *effectiv
   /* Every asset they hold gets a return task (once). */
   qm_pg_param_t q[] = {QM_PG_TEXT(person_id), QM_PG_TEXT(effective_date)};
   rc = qm_pg_exec(tx,
-                  "INSERT INTO returns (asset_id, person_id, request_id, line_no, reason, due_date)"
+                  /* Locked, so a return scan committing meanwhile is seen (the
+                   * row re-checked) instead of opening a second return. */
+                  "WITH held AS (SELECT asset_id, assigned_to, request_id, line_no FROM assets"
+                  "  WHERE assigned_to = $1 AND status = 'assigned' FOR UPDATE)"
+                  " INSERT INTO returns (asset_id, person_id, request_id, line_no, reason, due_date)"
                   " SELECT asset_id, assigned_to, request_id, line_no, 'leaver',"
-                  "  coalesce(nullif($2, '')::date, current_date)"
-                  " FROM assets WHERE assigned_to = $1 AND status = 'assigned'"
+                  "  coalesce(nullif($2, '')::date, current_date) FROM held"
                   " ON CONFLICT (asset_id) WHERE state = 'open' DO NOTHING"
                   " RETURNING return_id, asset_id, coalesce(request_id, ''), coalesce(line_no, 0)",
                   q, 2, &res, errstr, errstr_size);
