@@ -21,6 +21,32 @@ static bool is_staff(const qm_principal_t *who) {
   return false;
 }
 
+/* Reads the paging parameters `limit` (1–500, default 50) and `after` (the
+ * `next` cursor of a previous page, default 0 = from the newest), adding a
+ * field to *pb (created on the first bad one) for each that is invalid. */
+static void page_params(qm_http_req_t *req, long *limit, int64_t *after_id, qm_problem_t **pb) {
+  const char *limit_s = qm_http_req_query(req, "limit");
+  const char *after = qm_http_req_query(req, "after");
+  *limit = 50;
+  *after_id = 0;
+  if (limit_s) {
+    char *end = NULL;
+    *limit = strtol(limit_s, &end, 10);
+    if (!*limit_s || *end || *limit < 1 || *limit > 500) {
+      if (!*pb) *pb = qm_problem_new(400, "validation", "Invalid query");
+      qm_problem_field(*pb, "limit", "must be an integer from 1 to 500");
+    }
+  }
+  if (after) {
+    char *end = NULL;
+    *after_id = strtoll(after, &end, 10);
+    if (!*after || *end || *after_id < 0) {
+      if (!*pb) *pb = qm_problem_new(400, "validation", "Invalid query");
+      qm_problem_field(*pb, "after", "must be the 'next' cursor of a previous page");
+    }
+  }
+}
+
 /* GET /v1/grants?person_id=&item_id=&state=&limit=&after= — newest first;
  * `after` is the `next` cursor of the previous page. */
 static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
@@ -29,31 +55,14 @@ static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   const char *person = qm_http_req_query(req, "person_id");
   const char *item = qm_http_req_query(req, "item_id");
   const char *state = qm_http_req_query(req, "state");
-  const char *limit_s = qm_http_req_query(req, "limit");
-  const char *after = qm_http_req_query(req, "after");
   qm_problem_t *pb = NULL;
-  long limit = 50;
-  if (limit_s) {
-    char *end = NULL;
-    limit = strtol(limit_s, &end, 10);
-    if (!*limit_s || *end || limit < 1 || limit > 500) {
-      pb = qm_problem_new(400, "validation", "Invalid query");
-      qm_problem_field(pb, "limit", "must be an integer from 1 to 500");
-    }
-  }
+  long limit;
+  int64_t after_id;
+  page_params(req, &limit, &after_id, &pb);
   if (state && strcmp(state, "pending") && strcmp(state, "active") && strcmp(state, "failed") &&
       strcmp(state, "revoked")) {
     if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
     qm_problem_field(pb, "state", "must be pending, active, failed or revoked");
-  }
-  int64_t after_id = 0;
-  if (after) {
-    char *end = NULL;
-    after_id = strtoll(after, &end, 10);
-    if (!*after || *end || after_id < 0) {
-      if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
-      qm_problem_field(pb, "after", "must be the 'next' cursor of a previous page");
-    }
   }
   if (pb) {
     qm_http_resp_problem(resp, pb);
@@ -265,32 +274,15 @@ static void revoke_grant(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 static void list_operations(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   prov_t *prov = ctx;
   const char *state = qm_http_req_query(req, "state");
-  const char *limit_s = qm_http_req_query(req, "limit");
-  const char *after = qm_http_req_query(req, "after");
   if (!state) state = "failed";
   qm_problem_t *pb = NULL;
   if (strcmp(state, "failed") && strcmp(state, "pending") && strcmp(state, "done")) {
     pb = qm_problem_new(400, "validation", "Invalid query");
     qm_problem_field(pb, "state", "must be failed, pending or done");
   }
-  long limit = 50;
-  if (limit_s) {
-    char *end = NULL;
-    limit = strtol(limit_s, &end, 10);
-    if (!*limit_s || *end || limit < 1 || limit > 500) {
-      if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
-      qm_problem_field(pb, "limit", "must be an integer from 1 to 500");
-    }
-  }
-  long long after_id = 0;
-  if (after) {
-    char *end = NULL;
-    after_id = strtoll(after, &end, 10);
-    if (!*after || *end || after_id < 0) {
-      if (!pb) pb = qm_problem_new(400, "validation", "Invalid query");
-      qm_problem_field(pb, "after", "must be the 'next' cursor of a previous page");
-    }
-  }
+  long limit;
+  int64_t after_id;
+  page_params(req, &limit, &after_id, &pb);
   if (pb) {
     qm_http_resp_problem(resp, pb);
     return;

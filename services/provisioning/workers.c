@@ -118,24 +118,32 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
   return n;
 }
 
+/* Closes a pending operation inside the caller's transaction: state 'done'
+ * or 'failed' (why: last_error, NULL for none). *won is false when it was
+ * not pending any more — another worker finished it after our lease ran
+ * out — and nothing was changed. */
+static int close_op(qm_pg_t *pg, int64_t id, const char *state, const char *why, bool *won,
+                    char *errstr, size_t errstr_size) {
+  qm_pg_param_t p[] = {QM_PG_INT64(id), QM_PG_TEXT(state), why ? QM_PG_TEXT(why) : QM_PG_NULL};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(pg,
+                      "UPDATE grant_ops SET state = $2, finished_at = now(), lease_until = NULL,"
+                      " last_error = $3 WHERE id = $1::bigint AND state = 'pending'",
+                      p, 3, &res, errstr, errstr_size);
+  *won = rc == QM_OK && qm_pg_affected(res) > 0;
+  qm_pg_result_destroy(res);
+  return rc;
+}
+
 /* Success, inside the caller's transaction: op done (once), grant active with
  * its clock starting now, AccessGranted. *won is false when another worker
  * finished the operation first (then nothing was changed). On an error the
  * caller rolls back. */
 static int granted_in_tx(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, const char *user_id,
                          const char *group_id, bool *won, char *errstr, size_t errstr_size) {
-  *won = false;
-  qm_pg_param_t p1[] = {QM_PG_INT64(o->id)};
   qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(pg,
-                  "UPDATE grant_ops SET state = 'done', finished_at = now(), lease_until = NULL,"
-                  " last_error = NULL WHERE id = $1::bigint AND state = 'pending'",
-                  p1, 1, &res, errstr, errstr_size);
-  if (rc != QM_OK) goto fail;
-  *won = qm_pg_affected(res) > 0;
-  qm_pg_result_destroy(res);
-  res = NULL;
-  if (!*won) return QM_OK; /* another worker finished it after our lease ran out */
+  int rc = close_op(pg, o->id, "done", NULL, won, errstr, errstr_size);
+  if (rc != QM_OK || !*won) return rc;
   /* The clock of a time-bound grant starts now, when access is applied. */
   qm_pg_param_t p2[] = {QM_PG_TEXT(o->grant_id), QM_PG_TEXT(user_id), QM_PG_TEXT(group_id),
                         QM_PG_INT64(prov->day_ms)};
@@ -256,16 +264,10 @@ static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cau
   }
   int rc = qm_pg_begin(pg, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  qm_pg_param_t p[] = {QM_PG_INT64(o->id), QM_PG_TEXT(why)};
-  qm_pg_result_t *res = NULL;
-  rc = qm_pg_exec(pg,
-                  "UPDATE grant_ops SET state = 'failed', finished_at = now(), lease_until = NULL,"
-                  " last_error = $2 WHERE id = $1::bigint AND state = 'pending'",
-                  p, 2, &res, errstr, errstr_size);
+  bool won = false;
+  rc = close_op(pg, o->id, "failed", why, &won, errstr, errstr_size);
   if (rc != QM_OK) goto fail;
-  int64_t won = qm_pg_affected(res);
-  qm_pg_result_destroy(res);
-  if (won == 0) {
+  if (!won) {
     qm_pg_rollback(pg, NULL, 0);
     return QM_OK;
   }
@@ -316,17 +318,11 @@ static int finish_revoked(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, char *
                           size_t errstr_size) {
   int rc = qm_pg_begin(pg, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  qm_pg_param_t p1[] = {QM_PG_INT64(o->id)};
   qm_pg_result_t *res = NULL;
-  rc = qm_pg_exec(pg,
-                  "UPDATE grant_ops SET state = 'done', finished_at = now(), lease_until = NULL,"
-                  " last_error = NULL WHERE id = $1::bigint AND state = 'pending'",
-                  p1, 1, &res, errstr, errstr_size);
+  bool won = false;
+  rc = close_op(pg, o->id, "done", NULL, &won, errstr, errstr_size);
   if (rc != QM_OK) goto fail;
-  int64_t won = qm_pg_affected(res);
-  qm_pg_result_destroy(res);
-  res = NULL;
-  if (won == 0) {
+  if (!won) {
     qm_pg_rollback(pg, NULL, 0);
     return QM_OK;
   }
