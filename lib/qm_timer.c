@@ -242,12 +242,13 @@ qm_timers_t *qm_timers_new(const qm_timers_conf_t *conf, char *errstr, size_t er
                                    tb, TIMER_FEED_BATCH);
   t->sql_feed_mark =
       qm_asprintf("UPDATE %s SET synced = true WHERE timer_id = ANY($1::bigint[])", tb);
-  t->sql_lock = qm_asprintf("SELECT kind, owner_key, payload, due_ms, status, attempts FROM %s"
-                            " WHERE timer_id = $1 FOR UPDATE SKIP LOCKED",
+  t->sql_lock = qm_asprintf("SELECT timer_id, kind, owner_key, payload, due_ms, status, attempts"
+                            " FROM %s WHERE timer_id = ANY($1::bigint[]) ORDER BY timer_id"
+                            " FOR UPDATE SKIP LOCKED",
                             tb);
-  t->sql_exists = qm_asprintf("SELECT status FROM %s WHERE timer_id = $1", tb);
+  t->sql_exists = qm_asprintf("SELECT timer_id FROM %s WHERE timer_id = ANY($1::bigint[])", tb);
   t->sql_fired = qm_asprintf("UPDATE %s SET status = 'fired', fired_at = now(),"
-                             " attempts = attempts + 1 WHERE timer_id = $1",
+                             " attempts = attempts + 1 WHERE timer_id = ANY($1::bigint[])",
                              tb);
   t->sql_failed = qm_asprintf("UPDATE %s SET status = 'failed', fired_at = now(),"
                               " attempts = attempts + 1, last_error = $2 WHERE timer_id = $1",
@@ -529,161 +530,242 @@ int qm_timers_resync(qm_timers_t *t, size_t *loaded) {
 /* One claimed id's fate after the transaction. */
 typedef enum { FATE_NONE = 0, FATE_REMOVE, FATE_REQUEUE } fate_t;
 
-/* Fires the claimed ids in one transaction, a savepoint each; then removes
- * the done ones from the set and puts retried or rescheduled ones back at
- * their time. */
-static int timers_fire(qm_timers_t *t, char **ids, size_t n, size_t *fired_out, char *errstr,
-                       size_t errstr_size) {
-  fate_t *fate = qm_calloc(n, sizeof(*fate));
-  int64_t *requeue_at = qm_calloc(n, sizeof(*requeue_at));
-  int64_t *due = qm_calloc(n, sizeof(*due));
-  char **kinds = qm_calloc(n, sizeof(*kinds));
-  bool *fired = qm_calloc(n, sizeof(*fired));
-  size_t nfired = 0, nstale = 0, nerr = 0;
+/* What firing a batch found and did, per claimed id. */
+typedef struct fire_batch {
+  size_t n;
+  char **ids;          /* claimed members (borrowed) */
+  int64_t *id;         /* parsed ids, 0 when not a timer id */
+  fate_t *fate;
+  int64_t *requeue_at;
+  int64_t *due;
+  char **kinds;        /* owned */
+  bool *fired;
+} fire_batch_t;
+
+/* A bigint[] literal of the ids selected by want (NULL: every parsed id). */
+static char *ids_array(const fire_batch_t *b, const bool *want) {
+  size_t cap = b->n * 21 + 3, len = 0;
+  char *out = qm_malloc(cap);
+  out[len++] = '{';
+  bool first = true;
+  for (size_t i = 0; i < b->n; i++) {
+    if (!b->id[i] || (want && !want[i])) continue;
+    len += (size_t)snprintf(out + len, cap - len, "%s%" PRId64, first ? "" : ",", b->id[i]);
+    first = false;
+  }
+  out[len++] = '}';
+  out[len] = '\0';
+  return out;
+}
+
+/* One attempt at firing the batch in one transaction. Fast mode runs the
+ * callbacks without savepoints (the rows are locked with one statement and
+ * marked fired with another, so a timer costs only its callback's
+ * statements); when a callback fails in fast mode the
+ * whole attempt is rolled back and *redo is set, and the caller repeats it
+ * in safe mode, a savepoint per timer, so one bad timer never holds back the
+ * others. */
+static int fire_attempt(qm_timers_t *t, fire_batch_t *b, bool safe, bool *redo, char *errstr,
+                        size_t errstr_size) {
+  *redo = false;
+  for (size_t i = 0; i < b->n; i++) {
+    b->fate[i] = b->id[i] ? FATE_NONE : FATE_REMOVE; /* not ours: drop */
+    b->fired[i] = false;
+    free(b->kinds[i]);
+    b->kinds[i] = NULL;
+  }
+  qm_pg_result_t *res = NULL;
+  bool *locked = qm_calloc(b->n, sizeof(*locked));
+  char *arr = ids_array(b, NULL);
   int rc = qm_pg_begin(t->pg, errstr, errstr_size);
   if (rc != QM_OK) goto out;
-  for (size_t i = 0; i < n; i++) {
-    int64_t id = 0;
-    if (sscanf(ids[i], "%" SCNd64, &id) != 1) {
-      fate[i] = FATE_REMOVE; /* not ours */
+  qm_pg_param_t pa[] = {QM_PG_TEXT(arr)};
+  rc = qm_pg_exec(t->pg, t->sql_lock, pa, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) goto rollback;
+  int64_t now = qm_now_ms();
+  for (int r = 0; r < qm_pg_ntuples(res); r++) {
+    int64_t id = 0, due_ms = 0, attempts = 0;
+    (void)qm_pg_get_int64(res, r, 0, &id);
+    size_t i = 0;
+    while (i < b->n && b->id[i] != id) i++;
+    if (i == b->n) continue;
+    locked[i] = true;
+    const char *status = qm_pg_get(res, r, 5);
+    (void)qm_pg_get_int64(res, r, 4, &due_ms);
+    (void)qm_pg_get_int64(res, r, 6, &attempts);
+    if (strcmp(status, "pending") != 0) { /* fired or cancelled: a stale member */
+      b->fate[i] = FATE_REMOVE;
       continue;
     }
-    qm_pg_param_t p[] = {QM_PG_INT64(id)};
-    qm_pg_result_t *res = NULL;
-    rc = qm_pg_exec(t->pg, t->sql_lock, p, 1, &res, errstr, errstr_size);
-    if (rc != QM_OK) goto rollback;
-    if (qm_pg_ntuples(res) == 0) {
-      qm_pg_result_destroy(res);
-      /* Locked by another instance firing it now, or gone. */
-      rc = qm_pg_exec(t->pg, t->sql_exists, p, 1, &res, errstr, errstr_size);
-      if (rc != QM_OK) goto rollback;
-      if (qm_pg_ntuples(res) == 0) fate[i] = FATE_REMOVE;
-      qm_pg_result_destroy(res);
-      continue;
-    }
-    const char *status = qm_pg_get(res, 0, 4);
-    int64_t due_ms = 0, attempts = 0;
-    (void)qm_pg_get_int64(res, 0, 3, &due_ms);
-    (void)qm_pg_get_int64(res, 0, 5, &attempts);
-    if (strcmp(status, "pending") != 0) {
-      fate[i] = FATE_REMOVE;
-      nstale++;
-      qm_pg_result_destroy(res);
-      continue;
-    }
-    int64_t now = qm_now_ms();
     if (due_ms > now) { /* rescheduled later since it was put in the set */
-      fate[i] = FATE_REQUEUE;
-      requeue_at[i] = due_ms;
-      qm_pg_result_destroy(res);
+      b->fate[i] = FATE_REQUEUE;
+      b->requeue_at[i] = due_ms;
       continue;
     }
     unsigned char *payload = NULL;
     size_t plen = 0;
-    if (!qm_pg_is_null(res, 0, 2)) (void)qm_pg_get_bytes(res, 0, 2, &payload, &plen);
-    kinds[i] = qm_strdup(qm_pg_get(res, 0, 0));
+    if (!qm_pg_is_null(res, r, 3)) (void)qm_pg_get_bytes(res, r, 3, &payload, &plen);
+    b->kinds[i] = qm_strdup(qm_pg_get(res, r, 1));
+    b->due[i] = due_ms;
     qm_timer_t tm = {.id = id,
-                     .kind = kinds[i],
-                     .owner_key = qm_pg_get(res, 0, 1),
+                     .kind = b->kinds[i],
+                     .owner_key = qm_pg_get(res, r, 2),
                      .payload = payload,
                      .payload_len = plen,
                      .due_ms = due_ms,
                      .attempts = (int)attempts};
-    due[i] = due_ms;
-    rc = qm_pg_savepoint(t->pg, "qm_timer", errstr, errstr_size);
-    if (rc != QM_OK) {
+    if (safe && (rc = qm_pg_savepoint(t->pg, "qm_timer", errstr, errstr_size)) != QM_OK) {
       free(payload);
-      qm_pg_result_destroy(res);
       goto rollback;
     }
     char ferr[512] = "";
     int frc = t->fire(t->fire_ctx, t->pg, &tm, ferr, sizeof(ferr));
     free(payload);
-    qm_pg_result_destroy(res);
     if (frc == QM_OK) {
-      rc = qm_pg_exec(t->pg, t->sql_fired, p, 1, NULL, errstr, errstr_size);
-      if (rc == QM_OK) rc = qm_pg_release(t->pg, "qm_timer", errstr, errstr_size);
-      if (rc != QM_OK) goto rollback;
-      fate[i] = FATE_REMOVE;
-      fired[i] = true;
+      if (safe && (rc = qm_pg_release(t->pg, "qm_timer", errstr, errstr_size)) != QM_OK)
+        goto rollback;
+      b->fate[i] = FATE_REMOVE;
+      b->fired[i] = true;
       continue;
     }
-    nerr++;
+    if (!safe) { /* start again with a savepoint per timer */
+      *redo = true;
+      rc = QM_ETRANSIENT;
+      goto rollback;
+    }
     if (t->f_errors) {
-      const char *lv[] = {t->table, kinds[i]};
+      const char *lv[] = {t->table, b->kinds[i]};
       qm_metrics_inc(qm_metrics_child(t->f_errors, lv));
     }
+    pthread_mutex_lock(&t->lock);
+    t->stats.fire_errors++;
+    pthread_mutex_unlock(&t->lock);
     rc = qm_pg_rollback_to(t->pg, "qm_timer", errstr, errstr_size);
     if (rc != QM_OK) goto rollback;
     qm_pg_param_t pe[] = {QM_PG_INT64(id), QM_PG_TEXT(ferr)};
     if (frc == QM_ETRANSIENT) {
-      qm_log_warn("timer %" PRId64 " (%s, %s) failed, retrying in %d ms: %s", id, kinds[i],
+      qm_log_warn("timer %" PRId64 " (%s, %s) failed, retrying in %d ms: %s", id, b->kinds[i],
                   tm.owner_key, t->retry_ms, ferr);
       rc = qm_pg_exec(t->pg, t->sql_retry, pe, 2, NULL, errstr, errstr_size);
-      fate[i] = FATE_REQUEUE;
-      requeue_at[i] = now + t->retry_ms;
+      b->fate[i] = FATE_REQUEUE;
+      b->requeue_at[i] = now + t->retry_ms;
     } else {
       qm_log_error("timer %" PRId64 " (%s, %s) cannot fire (%s): %s; marked failed — fix the "
                    "cause and add the timer again",
-                   id, kinds[i], tm.owner_key, qm_strerror(frc), ferr);
+                   id, b->kinds[i], tm.owner_key, qm_strerror(frc), ferr);
       rc = qm_pg_exec(t->pg, t->sql_failed, pe, 2, NULL, errstr, errstr_size);
-      fate[i] = FATE_REMOVE;
+      b->fate[i] = FATE_REMOVE;
     }
     if (rc != QM_OK) goto rollback;
   }
+  qm_pg_result_destroy(res);
+  res = NULL;
+  /* Ids not locked: another instance is firing them right now (leave them,
+   * the lease brings them back), or they are gone (drop them). */
+  bool *unlocked = qm_calloc(b->n, sizeof(*unlocked));
+  bool any = false;
+  for (size_t i = 0; i < b->n; i++) any |= unlocked[i] = b->id[i] && !locked[i];
+  if (any) {
+    char *ua = ids_array(b, unlocked);
+    qm_pg_param_t pu[] = {QM_PG_TEXT(ua)};
+    rc = qm_pg_exec(t->pg, t->sql_exists, pu, 1, &res, errstr, errstr_size);
+    free(ua);
+    if (rc == QM_OK) {
+      for (size_t i = 0; i < b->n; i++) {
+        if (!unlocked[i]) continue;
+        bool exists = false;
+        for (int r = 0; r < qm_pg_ntuples(res); r++) {
+          int64_t id = 0;
+          (void)qm_pg_get_int64(res, r, 0, &id);
+          exists |= id == b->id[i];
+        }
+        if (!exists) b->fate[i] = FATE_REMOVE;
+      }
+    }
+  }
+  free(unlocked);
+  if (rc != QM_OK) goto rollback;
+  char *fa = ids_array(b, b->fired);
+  qm_pg_param_t pf[] = {QM_PG_TEXT(fa)};
+  rc = qm_pg_exec(t->pg, t->sql_fired, pf, 1, NULL, errstr, errstr_size);
+  free(fa);
+  if (rc != QM_OK) goto rollback;
   rc = qm_pg_commit(t->pg, errstr, errstr_size);
-  if (rc != QM_OK) goto uncommitted;
-  {
-    int64_t now = qm_now_ms();
-    for (size_t i = 0; i < n; i++) {
-      if (!fired[i]) continue;
+  goto out;
+rollback:
+  qm_pg_rollback(t->pg, NULL, 0);
+out:
+  qm_pg_result_destroy(res);
+  free(locked);
+  free(arr);
+  return rc;
+}
+
+/* Fires the claimed ids in one transaction; then removes the done ones from
+ * the set and puts retried or rescheduled ones back at their time. On a
+ * failure nothing of the batch committed and the claims' leases bring the
+ * members back. */
+static int timers_fire(qm_timers_t *t, char **ids, size_t n, size_t *fired_out, char *errstr,
+                       size_t errstr_size) {
+  fire_batch_t b = {.n = n, .ids = ids};
+  b.id = qm_calloc(n, sizeof(*b.id));
+  b.fate = qm_calloc(n, sizeof(*b.fate));
+  b.requeue_at = qm_calloc(n, sizeof(*b.requeue_at));
+  b.due = qm_calloc(n, sizeof(*b.due));
+  b.kinds = qm_calloc(n, sizeof(*b.kinds));
+  b.fired = qm_calloc(n, sizeof(*b.fired));
+  for (size_t i = 0; i < n; i++)
+    if (sscanf(ids[i], "%" SCNd64, &b.id[i]) != 1 || b.id[i] <= 0) b.id[i] = 0;
+  bool redo = false;
+  int rc = fire_attempt(t, &b, false, &redo, errstr, errstr_size);
+  if (redo) rc = fire_attempt(t, &b, true, &redo, errstr, errstr_size);
+  if (rc != QM_OK) {
+    if (rc != QM_ETRANSIENT && rc != QM_EIO) rc = QM_ETRANSIENT;
+    goto out;
+  }
+  size_t nfired = 0, nstale = 0;
+  int64_t now = qm_now_ms();
+  argv_buf_t rem = {0}, add = {0};
+  for (size_t i = 0; i < n; i++) {
+    if (b.fired[i]) {
       nfired++;
       if (t->f_fired) {
-        const char *lv[] = {t->table, kinds[i]};
+        const char *lv[] = {t->table, b.kinds[i]};
         qm_metrics_inc(qm_metrics_child(t->f_fired, lv));
-        qm_metrics_observe(qm_metrics_child(t->f_lag, lv), (double)(now - due[i]) / 1000.0);
+        qm_metrics_observe(qm_metrics_child(t->f_lag, lv), (double)(now - b.due[i]) / 1000.0);
       }
+    } else if (b.fate[i] == FATE_REMOVE) {
+      nstale++;
+    }
+    if (b.fate[i] == FATE_REMOVE) argv_push(&rem, qm_strdup(ids[i]));
+    if (b.fate[i] == FATE_REQUEUE) {
+      argv_push(&add, qm_asprintf("%" PRId64, b.requeue_at[i]));
+      argv_push(&add, qm_strdup(ids[i]));
     }
   }
   /* Best effort: a member left behind is claimed again later and dropped
    * then, since its row is no longer pending. */
-  {
-    argv_buf_t rem = {0}, add = {0};
-    for (size_t i = 0; i < n; i++) {
-      if (fate[i] == FATE_REMOVE) argv_push(&rem, qm_strdup(ids[i]));
-      if (fate[i] == FATE_REQUEUE) {
-        argv_push(&add, qm_asprintf("%" PRId64, requeue_at[i]));
-        argv_push(&add, qm_strdup(ids[i]));
-      }
-    }
-    char rerr[256];
-    if (redis_members(t, "ZREM", NULL, &rem, 1, rerr, sizeof(rerr)) != QM_OK ||
-        redis_members(t, "ZADD", NULL, &add, 2, rerr, sizeof(rerr)) != QM_OK)
-      qm_log_warn("timers %s.%s: could not update Redis after firing (%s); the lease will "
-                  "bring the members back and they are dropped then",
-                  t->schema, t->table, rerr);
-    argv_free(&rem);
-    argv_free(&add);
-  }
+  char rerr[256];
+  if (redis_members(t, "ZREM", NULL, &rem, 1, rerr, sizeof(rerr)) != QM_OK ||
+      redis_members(t, "ZADD", NULL, &add, 2, rerr, sizeof(rerr)) != QM_OK)
+    qm_log_warn("timers %s.%s: could not update Redis after firing (%s); the lease will "
+                "bring the members back and they are dropped then",
+                t->schema, t->table, rerr);
+  argv_free(&rem);
+  argv_free(&add);
   pthread_mutex_lock(&t->lock);
   t->stats.fired += nfired;
   t->stats.stale += nstale;
-  t->stats.fire_errors += nerr;
   pthread_mutex_unlock(&t->lock);
   if (fired_out) *fired_out = nfired;
-  goto out;
-rollback:
-  qm_pg_rollback(t->pg, NULL, 0);
-uncommitted:
-  /* Nothing of this batch committed: the claims' leases bring them back. */
-  if (rc == QM_OK) rc = QM_ETRANSIENT;
 out:
-  for (size_t i = 0; i < n; i++) free(kinds[i]);
-  free(kinds);
-  free(fired);
-  free(due);
-  free(requeue_at);
-  free(fate);
+  for (size_t i = 0; i < n; i++) free(b.kinds[i]);
+  free(b.kinds);
+  free(b.fired);
+  free(b.due);
+  free(b.requeue_at);
+  free(b.fate);
+  free(b.id);
   return rc;
 }
 
