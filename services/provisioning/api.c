@@ -348,7 +348,24 @@ static void run_drift(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     return;
   }
   char errstr[512];
-  int n = prov_drift_run(prov, pg, errstr, sizeof(errstr));
+  /* The same session lock as the periodic run: one reconciliation at a time. */
+  qm_pg_param_t p[] = {QM_PG_INT64(qm_pg_advisory_key("qm-provisioning-drift"))};
+  qm_pg_result_t *res = NULL;
+  int n = qm_pg_exec(pg, "SELECT pg_try_advisory_lock($1::bigint)", p, 1, &res, errstr,
+                     sizeof(errstr));
+  bool mine = n == QM_OK && !strcmp(qm_pg_get(res, 0, 0), "t");
+  qm_pg_result_destroy(res);
+  if (n == QM_OK && !mine) {
+    qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+    qm_http_problem(resp, 409, "conflict", "Drift run in progress",
+                    "another reconciliation is running; try again when it has finished");
+    return;
+  }
+  if (mine) {
+    n = prov_drift_run(prov, pg, errstr, sizeof(errstr));
+    char e2[256];
+    qm_pg_exec(pg, "SELECT pg_advisory_unlock($1::bigint)", p, 1, NULL, e2, sizeof(e2));
+  }
   qm_pg_pool_release(qm_service_pool(prov->svc), pg);
   if (n < 0) {
     qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "drift run: %s", errstr);

@@ -382,6 +382,27 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   fprintf(stderr, "[it provisioning] leaver with 5 grants deprovisioned in %.3f s\n",
           json_real_value(json_object_get(item, "seconds")));
   it_resp_clear(&r);
+  /* A leaver dated tomorrow waits: nothing revoked now, a timer for the date. */
+  char rt[QM_UUID_STR_LEN];
+  new_id(rt);
+  it_approved_t t = {.request_id = rt, .person_id = "p-0222", .item_id = "zoom", .role_id = "user",
+                     .group = "app-zoom-user"};
+  it_publish_approved(st, &t);
+  want_events(cs, c, "{\"event\":\"granted\",\"subject_person_id\":\"p-0222\"}", 1);
+  char tomorrow[16];
+  it_date(1, tomorrow, sizeof(tomorrow));
+  it_hr_event_t later = {.kind = "leaver", .effective_date = tomorrow,
+                         .person = {.id = "p-0222", .status = "terminated"}};
+  it_hr_publish(st, &later);
+  int64_t until = it_now_ms() + 10000;
+  long long waiting = 0;
+  while (it_now_ms() < until &&
+         (waiting = it_pg_int(st, "SELECT count(*) FROM provisioning.timers WHERE kind = 'leaver'"
+                                  " AND owner_key = 'p-0222' AND status = 'pending'")) == 0)
+    it_sleep_ms(100);
+  IT_CHECK(cs, waiting == 1, "no pending leaver timer for a leaver dated %s", tomorrow);
+  IT_CHECK(cs, count_events(c, "{\"event\":\"revoked\",\"subject_person_id\":\"p-0222\"}") == 0,
+           "a leaver dated tomorrow was revoked today");
   /* The same HR event again: dropped. */
   it_hr_publish(st, &ev);
   it_sleep_ms(1500);
@@ -427,6 +448,19 @@ static void c_drift(it_stack_t *st, it_cases_t *cs) {
   it_resp_clear(&r);
   IT_CHECK(cs, findings == 1, "second drift run: expected 1 finding (SCIM unrepaired), got %lld",
            findings);
+  /* What happened shows in the metrics. */
+  it_http(st, "provisioning", "GET", "/metrics", NULL, NULL, NULL, &r);
+  bool found = false;
+  double revokes = it_metric(r.body, "qm_provisioning_operations_total", "op=revoke,outcome=done",
+                             &found);
+  double drift = it_metric(r.body, "qm_provisioning_drift_findings_total",
+                           "finding=member_without_grant,repaired=true", NULL);
+  double leaver = it_metric(r.body, "qm_provisioning_leaver_seconds_count", NULL, NULL);
+  double notices = it_metric(r.body, "qm_provisioning_expiry_notices_total", "outcome=sent", NULL);
+  it_resp_clear(&r);
+  IT_CHECK(cs, found && revokes >= 10 && drift == 1 && leaver >= 1 && notices >= 2,
+           "metrics: revokes %.0f, drift repaired %.0f, leavers %.0f, notices sent %.0f", revokes,
+           drift, leaver, notices);
 }
 
 Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .timeout = 600) {

@@ -2,8 +2,8 @@
  * test_provisioning_faults: qm-provisioning against a SCIM peer that fails
  * the ways real directories do — 500s, 429 with Retry-After, a request that
  * hangs past the client's timeout, the server going down and coming back,
- * and a failure long enough that the operation is parked and an operator
- * retries it through the API. Grants and revocations are sent throughout;
+ * a failure long enough that the operation is parked and an operator
+ * retries it through the API, and the process killed with -9 mid-way. Grants and revocations are sent throughout;
  * at the end every approved grant must have been applied exactly once (one
  * AccessGranted each, a member of its group), every revoked one removed
  * (one AccessRevoked each), and nobody else touched.
@@ -165,6 +165,32 @@ static void c_parked_and_retried(it_stack_t *st, it_cases_t *cs) {
   it_resp_clear(&r);
 }
 
+static void c_kill9(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  /* Grants and revocations in flight when the process dies without warning:
+   * the directory holds every PATCH, so operations are claimed (leased by
+   * live sessions) and their directory calls under way at the kill. */
+  json_decref(it_scim_fault(st, "{\"mode\":\"hang\",\"delay_ms\":5000,\"count\":-1,\"methods\":[\"PATCH\"]}"));
+  sent_t *s[16];
+  for (int i = 0; i < 16; i++) s[i] = grant(st, c, i % 2 ? "app-zoom-user" : "app-datadog-user");
+  int64_t until = it_now_ms() + 15000;
+  while (injected(st) == 0 && it_now_ms() < until) it_sleep_ms(50);
+  IT_CHECK(cs, injected(st) > 0, "no PATCH reached the directory before the kill");
+  it_service_kill9(st, "provisioning");
+  json_decref(it_scim_fault(st, "{\"mode\":\"none\"}"));
+  for (int i = 0; i < 4; i++) {
+    it_publish_revocation(st, s[i]->request_id, s[i]->person, s[i]->group, "user", "review");
+    s[i]->revoked = true;
+  }
+  it_service_start(st, "provisioning");
+  for (int i = 0; i < 16; i++)
+    IT_CHECK(cs, wait_event(c, "granted", s[i]->request_id, T_EVENT),
+             "%s not granted after kill -9 and restart", s[i]->person);
+  for (int i = 0; i < 4; i++)
+    IT_CHECK(cs, wait_event(c, "revoked", s[i]->request_id, T_EVENT),
+             "%s not revoked after kill -9 and restart", s[i]->person);
+}
+
 /* The invariant over everything sent: applied exactly once, revoked only
  * where asked, and the directory's groups hold exactly the grantees. */
 static void c_exactly_once(it_stack_t *st, it_cases_t *cs) {
@@ -224,6 +250,7 @@ Test(provisioning_faults, scim_faults_exactly_once, .fini = it_fini, .timeout = 
   it_case_run(&cs, st, "directory down and back, grants and revocations queued meanwhile",
               c_down_and_back);
   it_case_run(&cs, st, "failing until parked, ProvisioningFailed, operator retry", c_parked_and_retried);
+  it_case_run(&cs, st, "kill -9 with grants and revocations in flight", c_kill9);
   it_case_run(&cs, st, "every grant applied exactly once, nothing revoked that should not be",
               c_exactly_once);
   bool ok = it_cases_report(&cs, "provisioning faults");
