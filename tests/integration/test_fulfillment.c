@@ -15,6 +15,9 @@
 #include "qm_common.h"
 #include "qm_topics.h"
 
+#include "qm/v1/common.pb-c.h"
+#include "qm/v1/decisions.pb-c.h"
+
 #include <criterion/criterion.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -711,6 +714,162 @@ static void c_catalog_stock(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, ok, "catalog stock never showed 2 available: %s", last);
 }
 
+
+/* Publishes an approved asset line as approval does (RequestApproved on
+ * qm.decisions.v1), standing in for approval. */
+static void publish_approved_asset(it_stack_t *st, const char *request_id, const char *person,
+                                   const char *item, const char *model, const char *country,
+                                   const char *location) {
+  Qm__V1__RequestLine line = QM__V1__REQUEST_LINE__INIT;
+  line.line_no = 1;
+  line.item_id = (char *)item;
+  line.kind = QM__V1__ITEM_KIND__ITEM_KIND_ASSET;
+  line.asset_model = (char *)model;
+  Qm__V1__RequestApproved ap = QM__V1__REQUEST_APPROVED__INIT;
+  ap.request_id = (char *)request_id;
+  ap.line = &line;
+  ap.subject_person_id = (char *)person;
+  ap.subject_country = (char *)country;
+  ap.subject_location = (char *)location;
+  ap.approved_at_ms = (int64_t)time(NULL) * 1000;
+  Qm__V1__DecisionEvent de = QM__V1__DECISION_EVENT__INIT;
+  de.event_case = QM__V1__DECISION_EVENT__EVENT_APPROVED;
+  de.approved = &ap;
+  size_t len = qm__v1__decision_event__get_packed_size(&de);
+  uint8_t *buf = malloc(len);
+  qm__v1__decision_event__pack(&de, buf);
+  it_publish(st, QM_TOPIC_DECISIONS, person, "/qm/approval", "qm.request.approved.v1", request_id,
+             buf, len);
+  free(buf);
+}
+
+static bool timeline_has(const json_t *req, const char *type) {
+  size_t i;
+  json_t *e;
+  json_array_foreach(json_object_get(req, "timeline"), i, e)
+    if (!strcmp(jstr(e, "type"), type)) return true;
+  return false;
+}
+
+static void c_approved_event_timeline(it_stack_t *st, it_cases_t *cs) {
+  /* A real request on intake; its approval stands in for approval's. */
+  import_ok(st, cs, "tag,serial,model_id,site_id\nPH-000500,SN-P-0500,iphone-15,hq\n", 1);
+  char *tok = it_token("p-0002", "employee");
+  char *id = it_request_submit(st, tok, "{\"reason\":\"new phone\",\"lines\":[{\"item_id\":\"phone\"}]}");
+  publish_approved_asset(st, id, "p-0002", "phone", "iphone-15", "NL", "Amsterdam");
+  publish_approved_asset(st, id, "p-0002", "phone", "iphone-15", "NL", "Amsterdam"); /* redelivery */
+  int64_t until = it_now_ms() + 30000;
+  json_t *req = NULL;
+  bool seen = false;
+  while (!seen && it_now_ms() < until) {
+    json_decref(req);
+    it_resp_t r;
+    char path[128];
+    snprintf(path, sizeof(path), "/v1/requests/%s", id);
+    it_http(st, "intake", "GET", path, tok, NULL, NULL, &r);
+    req = json_incref(r.json);
+    it_resp_clear(&r);
+    /* Reserved, or backordered when an older backorder took the phone. */
+    seen = timeline_has(req, "qm.fulfillment.reserved.v1") ||
+           timeline_has(req, "qm.fulfillment.backordered.v1");
+    if (!seen) it_sleep_ms(200);
+  }
+  char *txt = it_json_text(req);
+  IT_CHECK(cs, seen, "timeline lacks fulfilment's step: %s", txt);
+  IT_CHECK(cs, !strcmp(jstr(json_array_get(json_object_get(req, "lines"), 0), "status"), "fulfilling"),
+           "line status: %s", txt);
+  free(txt);
+  json_decref(req);
+  char sql[200];
+  snprintf(sql, sizeof(sql), "SELECT count(*) FROM fulfillment.tasks WHERE request_id = '%s'", id);
+  IT_CHECK(cs, it_pg_int(st, sql) == 1, "one task per line whatever the redeliveries");
+  free(id);
+  free(tok);
+}
+
+static char *po_of(it_stack_t *st, const char *request_id) {
+  char sql[200];
+  snprintf(sql, sizeof(sql), "SELECT po_id FROM fulfillment.tasks WHERE request_id = '%s'", request_id);
+  return it_pg_scalar(st, sql);
+}
+
+/* The requests procurement received for one purchase order, all with one key. */
+static size_t po_requests(it_cases_t *cs, const char *po, bool *one_key) {
+  json_t *reqs = it_recorder_requests(ctx_of(cs)->rec, "/purchase-orders");
+  size_t n = 0, i;
+  json_t *rq;
+  char key[128] = "";
+  *one_key = true;
+  json_array_foreach(reqs, i, rq) {
+    if (!strstr(jstr(rq, "body"), po)) continue;
+    const char *k = jstr(json_object_get(rq, "headers"), "idempotency-key");
+    if (!key[0]) snprintf(key, sizeof(key), "%s", k);
+    else if (strcmp(key, k)) *one_key = false;
+    n++;
+  }
+  json_decref(reqs);
+  return n;
+}
+
+static void wait_po_sent(it_stack_t *st, it_cases_t *cs, const char *po) {
+  int64_t until = it_now_ms() + 30000;
+  char *s = NULL;
+  while (it_now_ms() < until) {
+    free(s);
+    s = po_status_of(st, po);
+    if (s && !strcmp(s, "sent")) break;
+    it_sleep_ms(100);
+  }
+  IT_CHECK(cs, s && !strcmp(s, "sent"), "PO %s status %s", po, s ? s : "none");
+  free(s);
+}
+
+static void c_po_retry_and_crash(it_stack_t *st, it_cases_t *cs) {
+  it_recorder_t *rec = ctx_of(cs)->rec;
+  /* Procurement down (503): retried with the same key until it answers. */
+  it_recorder_set_response(rec, "/purchase-orders", 503, "{\"error\":\"maintenance\"}");
+  json_t *t = reserve(st, cs, "po-retry", "p-0901", "lat-conc", "Amsterdam", "NL");
+  IT_CHECK(cs, !strcmp(jstr(t, "outcome"), "backordered"), "outcome %s", jstr(t, "outcome"));
+  json_decref(t);
+  char *po = po_of(st, "po-retry");
+  IT_CHECK(cs, po != NULL, "no purchase order");
+  bool one = false;
+  int64_t until = it_now_ms() + 30000;
+  while (po_requests(cs, po, &one) < 2 && it_now_ms() < until) it_sleep_ms(100);
+  IT_CHECK(cs, po_requests(cs, po, &one) >= 2, "not retried");
+  it_recorder_set_response(rec, "/purchase-orders", 200, "{\"id\":\"EXT-1\"}");
+  wait_po_sent(st, cs, po);
+  size_t n = po_requests(cs, po, &one);
+  IT_CHECK(cs, one, "retries used different idempotency keys");
+  it_sleep_ms(500);
+  IT_CHECK(cs, po_requests(cs, po, &one) == n, "sent again after success");
+  free(po);
+  /* kill -9 while procurement is answering: after the restart the call is
+   * repeated with the same key (the peer deduplicates), never lost, and the
+   * purchase order exists once. */
+  it_recorder_set_delay_ms(rec, 4000);
+  t = reserve(st, cs, "po-crash", "p-0902", "lat-conc", "Amsterdam", "NL");
+  json_decref(t);
+  po = po_of(st, "po-crash");
+  IT_CHECK(cs, po != NULL, "no purchase order");
+  char sql[300];
+  snprintf(sql, sizeof(sql), "SELECT attempts FROM fulfillment.outbound WHERE ref = '%s'", po);
+  until = it_now_ms() + 20000;
+  while (it_pg_int(st, sql) < 1 && it_now_ms() < until) it_sleep_ms(50);
+  IT_CHECK(cs, it_pg_int(st, sql) >= 1, "never claimed");
+  it_sleep_ms(500);
+  it_service_kill9(st, "fulfillment");
+  it_recorder_set_delay_ms(rec, 0);
+  it_service_start(st, "fulfillment");
+  wait_po_sent(st, cs, po);
+  IT_CHECK(cs, it_pg_int(st, sql) >= 2, "the call was not repeated after the crash");
+  po_requests(cs, po, &one);
+  IT_CHECK(cs, one, "the repeat used another idempotency key");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.purchase_orders WHERE request_id = 'po-crash'") == 1,
+           "purchase order doubled");
+  free(po);
+}
+
 Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_recorder_t *rec = it_recorder_start();
   char *proc = qm_asprintf("QM_PROCUREMENT_URL=%s", it_recorder_url(rec));
@@ -723,6 +882,7 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
                               {"fulfillment", "QM_FULFILLMENT_SLA=phone=3s,*=7d"},
                               {"fulfillment", "QM_FULFILLMENT_TICK=200ms"},
                               {"fulfillment", "QM_OUTBOUND_BACKOFF=200ms"},
+                              {"fulfillment", "QM_OUTBOUND_LEASE=2s"},
                               {NULL, NULL}};
   static const char *const services[] = {"fulfillment", "intake", NULL};
   it_stack_t *st = it_stack_up_env("ff", services, env);
@@ -743,6 +903,8 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "sla_breach", c_sla);
   it_case_run(&cs, st, "loaners", c_loans);
   it_case_run(&cs, st, "catalog_stock_in_intake", c_catalog_stock);
+  it_case_run(&cs, st, "approved_event_to_timeline", c_approved_event_timeline);
+  it_case_run(&cs, st, "purchase_order_retry_and_kill9", c_po_retry_and_crash);
   bool ok = it_cases_report(&cs, "fulfillment");
   it_reader_close(cx.events);
   free(cx.admin);
