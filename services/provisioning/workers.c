@@ -16,6 +16,7 @@
 #include "qm_config.h"
 #include "qm_log.h"
 #include "qm_pg.h"
+#include "qm_timer.h"
 #include "qm_topics.h"
 
 #include "qm/v1/access.pb-c.h"
@@ -339,6 +340,9 @@ static int finish_revoked(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, char *
   if (qm_pg_ntuples(res) == 1) qm_pg_get_int64(res, 0, 1, &revoked_ms);
   qm_pg_result_destroy(res);
   res = NULL;
+  /* Its expiry and notice timers have nothing left to do. */
+  rc = qm_timer_cancel_owner(pg, "timers", o->grant_id, NULL, NULL, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
   if (was_active) { /* a grant never applied was never announced: nothing to take back */
     Qm__V1__AccessRevoked ar = QM__V1__ACCESS_REVOKED__INIT;
     ar.request_id = (char *)o->request_id;
