@@ -55,8 +55,12 @@ static void copy_field(const qm_pg_result_t *res, int row, const char *name, cha
 /* Claims up to CLAIM_BATCH due operations; returns how many (or < 0). */
 static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
   const qm_config_t *cfg = qm_service_config(prov->svc);
+  /* A fair share of what is due (at most CLAIM_BATCH), so that a burst of
+   * operations that cannot share a directory request — a leaver's revokes,
+   * one per group — spreads over the workers instead of queueing behind one. */
   qm_pg_param_t p[] = {QM_PG_INT64(qm_config_ms(cfg, "QM_PROVISIONING_LEASE")),
-                       QM_PG_INT64(CLAIM_BATCH)};
+                       QM_PG_INT64(CLAIM_BATCH),
+                       QM_PG_INT64(qm_config_int(cfg, "QM_PROVISIONING_WORKERS"))};
   qm_pg_result_t *res = NULL;
   char errstr[512];
   int rc = qm_pg_exec(
@@ -74,13 +78,15 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
       "     AND a.backend_start = o1.lease_backend_start))"
       "   AND NOT EXISTS (SELECT 1 FROM grant_ops o2 WHERE o2.person_id = o1.person_id"
       "    AND o2.grp = o1.grp AND o2.state = 'pending' AND o2.id < o1.id)"
-      "  ORDER BY o1.next_attempt_at, o1.id LIMIT $2::int FOR UPDATE SKIP LOCKED)"
+      "  ORDER BY o1.next_attempt_at, o1.id LIMIT least($2::int, 1 + (SELECT count(*)"
+      "   FROM grant_ops o3 WHERE o3.state = 'pending' AND o3.next_attempt_at <= now()) / $3::int)"
+      "  FOR UPDATE SKIP LOCKED)"
       " RETURNING o.id, o.op, o.attempts, g.grant_id, g.request_id, g.line_no, g.person_id,"
       " g.directory_username, g.item_id, g.role_id, g.grp, g.connector, g.duration_days,"
       " g.approved, coalesce(g.traceparent, '') AS traceparent, coalesce(o.reason, '') AS reason,"
       " o.actor, coalesce(g.directory_user_id, '') AS dir_user_id,"
       " coalesce(g.directory_group_id, '') AS dir_group_id",
-      p, 2, &res, errstr, sizeof(errstr));
+      p, 3, &res, errstr, sizeof(errstr));
   if (rc != QM_OK) {
     if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
     qm_log_warn("claiming grant operations failed: %s (retrying)", errstr);
@@ -369,6 +375,14 @@ static int finish_revoked(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, char *
   double leaver_s = -1;
   if (!strcmp(o->reason, "leaver")) {
     qm_pg_param_t p3[] = {QM_PG_TEXT(o->person_id)};
+    /* Workers finishing a leaver's last revokes at the same moment would each
+     * see the other's still pending: lock the leaver first, so the second
+     * one's check (a new snapshot, READ COMMITTED) sees the first's commit. */
+    rc = qm_pg_exec(pg,
+                    "SELECT 1 FROM leavers WHERE person_id = $1 AND started_at IS NOT NULL"
+                    " AND completed_at IS NULL FOR UPDATE",
+                    p3, 1, NULL, errstr, errstr_size);
+    if (rc != QM_OK) goto fail;
     rc = qm_pg_exec(pg,
                     "UPDATE leavers SET completed_at = clock_timestamp()"
                     " WHERE person_id = $1 AND started_at IS NOT NULL AND completed_at IS NULL"
