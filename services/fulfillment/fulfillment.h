@@ -45,6 +45,8 @@ typedef struct ff {
   size_t n_slas;
   pthread_t workers[FF_MAX_WORKERS];
   size_t n_workers;
+  pthread_t stock_thread;
+  bool stock_running;
   struct qm_timers *timers;
   atomic_bool stopping;
   qm_metric_family_t *m_reservations; /* qm_fulfillment_reservations_total{outcome} */
@@ -72,11 +74,13 @@ typedef struct ff_line {
  * CloudEvents type qm.fulfillment.<step>.v1, key the subject person. */
 int ff_emit_update(ff_t *ff, qm_pg_t *tx, Qm__V1__FulfillmentUpdate *u, const char *traceparent,
                    char *errstr, size_t errstr_size);
-/* Emits the StockLevel of model_id at site_id as it is inside tx. Serialised
- * per (model, site) by a transaction lock so the last published level is the
- * true one even when reservations race. */
+/* Notes in tx that the stock of model_id at site_id changed; the StockLevel
+ * is published by ff_stock_publish() shortly after (coalesced). */
 int ff_emit_stock(ff_t *ff, qm_pg_t *tx, const char *model_id, const char *site_id,
                   const char *traceparent, char *errstr, size_t errstr_size);
+/* Publishes one StockLevel per (model, site) noted since the last round, as
+ * it is now, in tx (one publisher at a time across instances). */
+int ff_stock_publish(ff_t *ff, qm_pg_t *tx, int *published, char *errstr, size_t errstr_size);
 /* Records a status change of asset asset_id in its history (and sets it). */
 int ff_asset_set(qm_pg_t *tx, int64_t asset_id, const char *status, const char *person_id,
                  const char *request_id, int line_no, const char *actor, const char *note,

@@ -170,6 +170,14 @@ static const qm_migration_t migrations[] = {
      " returned_at timestamptz);"
      "CREATE INDEX loans_asset ON loans (asset_id, starts_ms) WHERE state IN ('booked','out');"},
     {4, "timers: SLAs and loaner overdue reminders", QM_TIMER_MIGRATION_SQL("timers")},
+    /* Stock changes are noted here (an append, no hot row) and published as
+     * coalesced StockLevel events by a background round. */
+    {5, "stock level changes",
+     "CREATE TABLE stock_changes ("
+     " id bigserial PRIMARY KEY,"
+     " model_id text NOT NULL,"
+     " site_id text NOT NULL,"
+     " at timestamptz NOT NULL DEFAULT clock_timestamp());"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -204,6 +212,9 @@ static const qm_cfg_def_t config[] = {
      1, FF_MAX_WORKERS, 0},
     {"QM_FULFILLMENT_POLL", QM_CFG_MS, "50ms", "Outbound worker poll interval when idle.", 1,
      60000, 0},
+    {"QM_STOCK_LEVEL_INTERVAL", QM_CFG_MS, "200ms",
+     "How often changed stock levels are published (coalesced StockLevel events).", 10, 60000,
+     0},
     {"QM_FULFILLMENT_TICK", QM_CFG_MS, "1s", "Timer poll (SLAs, loaner overdue).", 10, 3600000,
      0},
     {"QM_FAILED_DELIVERY", QM_CFG_STR, "reship",

@@ -311,7 +311,44 @@ static void *worker_main(void *arg) {
   return NULL;
 }
 
+/* The stock-level round: every QM_STOCK_LEVEL_INTERVAL, the noted changes
+ * become StockLevel events (one per model and site, as it is then). */
+static void *stock_main(void *arg) {
+  ff_t *ff = arg;
+  int64_t every = qm_config_ms(qm_service_config(ff->svc), "QM_STOCK_LEVEL_INTERVAL");
+  char errstr[512];
+  qm_pg_t *pg = NULL;
+  while (!atomic_load(&ff->stopping) && !qm_shutdown_requested()) {
+    if (!pg) {
+      pg = qm_pg_connect_app(qm_service_dsn(ff->svc), "fulfillment", "qm-fulfillment-stock", errstr,
+                             sizeof(errstr));
+      if (!pg) {
+        qm_log_warn("stock levels: PostgreSQL: %s (retrying)", errstr);
+        qm_sleep_ms(1000);
+        continue;
+      }
+    }
+    int n = 0;
+    int rc = qm_pg_begin(pg, errstr, sizeof(errstr));
+    if (rc == QM_OK) rc = ff_stock_publish(ff, pg, &n, errstr, sizeof(errstr));
+    if (rc == QM_OK) rc = qm_pg_commit(pg, errstr, sizeof(errstr));
+    else qm_pg_rollback(pg, NULL, 0);
+    if (rc != QM_OK) {
+      qm_log_warn("stock levels: %s (next round)", errstr);
+      if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+    }
+    int64_t until = qm_mono_ms() + every;
+    while (qm_mono_ms() < until && !atomic_load(&ff->stopping) && !qm_shutdown_requested())
+      qm_sleep_ms(5);
+  }
+  qm_pg_destroy(pg);
+  return NULL;
+}
+
 int ff_outbound_start(ff_t *ff, char *errstr, size_t errstr_size) {
+  if (pthread_create(&ff->stock_thread, NULL, stock_main, ff) != 0)
+    return qm_err(errstr, errstr_size, QM_EIO, "cannot start the stock-level thread");
+  ff->stock_running = true;
   size_t n = (size_t)qm_config_int(qm_service_config(ff->svc), "QM_FULFILLMENT_WORKERS");
   for (size_t i = 0; i < n; i++) {
     if (pthread_create(&ff->workers[i], NULL, worker_main, ff) != 0) {
@@ -327,4 +364,6 @@ void ff_outbound_stop(ff_t *ff) {
   atomic_store(&ff->stopping, true);
   for (size_t i = 0; i < ff->n_workers; i++) pthread_join(ff->workers[i], NULL);
   ff->n_workers = 0;
+  if (ff->stock_running) pthread_join(ff->stock_thread, NULL);
+  ff->stock_running = false;
 }

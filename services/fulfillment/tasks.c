@@ -52,44 +52,64 @@ int ff_emit_update(ff_t *ff, qm_pg_t *tx, Qm__V1__FulfillmentUpdate *u, const ch
 
 int ff_emit_stock(ff_t *ff, qm_pg_t *tx, const char *model_id, const char *site_id,
                   const char *traceparent, char *errstr, size_t errstr_size) {
-  char key[300];
-  snprintf(key, sizeof(key), "qm-fulfillment-stock:%s:%s", model_id, site_id);
-  qm_pg_param_t k[] = {QM_PG_INT64(qm_pg_advisory_key(key))};
-  int rc = qm_pg_exec(tx, "SELECT pg_advisory_xact_lock($1::bigint)", k, 1, NULL, errstr,
+  QM_UNUSED(ff);
+  QM_UNUSED(traceparent);
+  /* Only a note that the level changed: an append, so reservations racing
+   * for one model never wait on each other here. ff_stock_publish() turns
+   * the notes into StockLevel events, coalesced, off the hot path. */
+  qm_pg_param_t p[] = {QM_PG_TEXT(model_id), QM_PG_TEXT(site_id)};
+  return qm_pg_exec(tx, "INSERT INTO stock_changes (model_id, site_id) VALUES ($1, $2)", p, 2,
+                    NULL, errstr, errstr_size);
+}
+
+int ff_stock_publish(ff_t *ff, qm_pg_t *tx, int *published, char *errstr, size_t errstr_size) {
+  *published = 0;
+  /* One publisher at a time (any instance): levels go out in a true order. */
+  qm_pg_param_t k[] = {QM_PG_INT64(qm_pg_advisory_key("qm-fulfillment-stock-levels"))};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx, "SELECT pg_try_advisory_xact_lock($1::bigint)", k, 1, &res, errstr,
                       errstr_size);
   if (rc != QM_OK) return rc;
-  /* A new statement after the lock: READ COMMITTED sees every level change
-   * committed before ours, so levels are published in a true order. */
-  qm_pg_param_t p[] = {QM_PG_TEXT(model_id), QM_PG_TEXT(site_id)};
-  qm_pg_result_t *res = NULL;
-  rc = qm_pg_exec(tx,
-                  "SELECT (SELECT count(*) FROM assets WHERE model_id = $1 AND site_id = $2"
-                  "  AND status = 'in_stock'),"
-                  " (SELECT coalesce(sum(quantity), 0) FROM purchase_orders WHERE model_id = $1"
-                  "  AND site_id = $2 AND status IN ('new', 'sent', 'confirmed', 'shipped')),"
-                  " (SELECT coalesce(min(eta_ms) FILTER (WHERE eta_ms > 0), 0) FROM purchase_orders"
-                  "  WHERE model_id = $1 AND site_id = $2"
-                  "  AND status IN ('new', 'sent', 'confirmed', 'shipped'))",
-                  p, 2, &res, errstr, errstr_size);
-  if (rc != QM_OK) return rc;
-  int64_t avail = 0, on_order = 0, eta = 0;
-  qm_pg_get_int64(res, 0, 0, &avail);
-  qm_pg_get_int64(res, 0, 1, &on_order);
-  qm_pg_get_int64(res, 0, 2, &eta);
+  bool mine = !strcmp(qm_pg_get(res, 0, 0), "t");
   qm_pg_result_destroy(res);
-  Qm__V1__StockLevel sl = QM__V1__STOCK_LEVEL__INIT;
-  sl.model_id = (char *)model_id;
-  sl.site_id = (char *)site_id;
-  sl.available = (int32_t)avail;
-  sl.on_order = (int32_t)on_order;
-  sl.estimated_delivery_at_ms = avail > 0 ? 0 : eta;
-  Qm__V1__FulfillmentEvent fe = QM__V1__FULFILLMENT_EVENT__INIT;
-  fe.event_case = QM__V1__FULFILLMENT_EVENT__EVENT_STOCK_LEVEL;
-  fe.stock_level = &sl;
-  return qm_service_emit(ff->svc, tx, QM_TOPIC_FULFILLMENT, model_id,
-                         "qm.fulfillment.stock_level.v1", model_id,
-                         traceparent && *traceparent ? traceparent : NULL, &fe.base, NULL, errstr,
-                         errstr_size);
+  if (!mine) return QM_OK;
+  /* The notes taken now are deleted in this transaction; notes committed
+   * after this statement's snapshot stay for the next round. */
+  rc = qm_pg_exec(tx,
+                  "WITH gone AS (DELETE FROM stock_changes RETURNING model_id, site_id),"
+                  " k AS (SELECT DISTINCT model_id, site_id FROM gone)"
+                  " SELECT k.model_id, k.site_id,"
+                  " (SELECT count(*) FROM assets a WHERE a.model_id = k.model_id"
+                  "  AND a.site_id = k.site_id AND a.status = 'in_stock'),"
+                  " (SELECT coalesce(sum(quantity), 0) FROM purchase_orders o WHERE o.model_id = k.model_id"
+                  "  AND o.site_id = k.site_id AND o.status IN ('new', 'sent', 'confirmed', 'shipped')),"
+                  " (SELECT coalesce(min(eta_ms) FILTER (WHERE eta_ms > 0), 0) FROM purchase_orders o"
+                  "  WHERE o.model_id = k.model_id AND o.site_id = k.site_id"
+                  "  AND o.status IN ('new', 'sent', 'confirmed', 'shipped'))"
+                  " FROM k ORDER BY 1, 2",
+                  NULL, 0, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  for (int i = 0; i < qm_pg_ntuples(res) && rc == QM_OK; i++) {
+    int64_t avail = 0, on_order = 0, eta = 0;
+    qm_pg_get_int64(res, i, 2, &avail);
+    qm_pg_get_int64(res, i, 3, &on_order);
+    qm_pg_get_int64(res, i, 4, &eta);
+    Qm__V1__StockLevel sl = QM__V1__STOCK_LEVEL__INIT;
+    sl.model_id = (char *)qm_pg_get(res, i, 0);
+    sl.site_id = (char *)qm_pg_get(res, i, 1);
+    sl.available = (int32_t)avail;
+    sl.on_order = (int32_t)on_order;
+    sl.estimated_delivery_at_ms = avail > 0 ? 0 : eta;
+    Qm__V1__FulfillmentEvent fe = QM__V1__FULFILLMENT_EVENT__INIT;
+    fe.event_case = QM__V1__FULFILLMENT_EVENT__EVENT_STOCK_LEVEL;
+    fe.stock_level = &sl;
+    rc = qm_service_emit(ff->svc, tx, QM_TOPIC_FULFILLMENT, sl.model_id,
+                         "qm.fulfillment.stock_level.v1", sl.model_id, NULL, &fe.base, NULL,
+                         errstr, errstr_size);
+    if (rc == QM_OK) (*published)++;
+  }
+  qm_pg_result_destroy(res);
+  return rc;
 }
 
 int ff_asset_set(qm_pg_t *tx, int64_t asset_id, const char *status, const char *person_id,
@@ -228,33 +248,53 @@ static int backorder(ff_t *ff, qm_pg_t *tx, int64_t seq, char *errstr, size_t er
   return rc;
 }
 
+/* One attempt at taking an asset for task seq: pick_sql is the condition and
+ * order of candidates (over assets a and the task t); the first unlocked one
+ * is locked, leaves 'in_stock' and goes to the task in one statement. Each
+ * variant walks the partial index assets_free in order, so a reservation
+ * costs a few index probes however large the stock. */
+static int take_asset(qm_pg_t *tx, int64_t seq, int64_t prefer, const char *pick_sql,
+                      qm_pg_result_t **res, char *errstr, size_t errstr_size) {
+  char sql[2048];
+  snprintf(sql, sizeof(sql),
+           "WITH t AS (SELECT seq, request_id, line_no, asset_model, site_id, person_id FROM tasks"
+           "  WHERE seq = $1::bigint AND state = 'open' AND asset_id IS NULL AND $2::bigint >= 0),"
+           " pick AS (SELECT a.asset_id FROM assets a, t WHERE a.status = 'in_stock'"
+           "  AND a.model_id = t.asset_model AND %s LIMIT 1 FOR UPDATE OF a SKIP LOCKED),"
+           " res AS (UPDATE assets a SET status = 'reserved', request_id = t.request_id,"
+           "  line_no = t.line_no, updated_at = now() FROM pick, t WHERE a.asset_id = pick.asset_id"
+           "  RETURNING a.asset_id, a.site_id, t.request_id, t.person_id),"
+           " h AS (INSERT INTO asset_history (asset_id, status, person_id, request_id, note)"
+           "  SELECT asset_id, 'reserved', person_id, request_id, 'reserved for the request' FROM res)"
+           " UPDATE tasks SET asset_id = res.asset_id, site_id = res.site_id, step = 'queued',"
+           "  updated_at = now() FROM res WHERE tasks.seq = $1::bigint"
+           " RETURNING res.site_id, tasks.asset_model",
+           pick_sql);
+  qm_pg_param_t p[] = {QM_PG_INT64(seq), QM_PG_INT64(prefer)};
+  return qm_pg_exec(tx, sql, p, 2, res, errstr, errstr_size);
+}
+
 int ff_task_reserve(ff_t *ff, qm_pg_t *tx, int64_t seq, int64_t prefer_asset, bool do_backorder,
                     bool *reserved, char *errstr, size_t errstr_size) {
   *reserved = false;
-  qm_pg_param_t p[] = {QM_PG_INT64(seq), QM_PG_INT64(prefer_asset)};
+  /* The preferred asset (a failed delivery coming back), then the serving
+   * site's stock, then any central site's. */
+  static const char *const picks[] = {
+      "a.asset_id = $2::bigint",
+      "a.site_id = t.site_id ORDER BY a.model_id, a.site_id, a.asset_id",
+      "a.site_id IN (SELECT site_id FROM sites WHERE kind = 'central')"
+      " ORDER BY a.model_id, a.site_id, a.asset_id",
+  };
   qm_pg_result_t *res = NULL;
-  /* The serving site first, then any central site; the asset row is locked
-   * (others skip it) and leaves 'in_stock' in the same statement. */
-  int rc = qm_pg_exec(
-      tx,
-      "WITH t AS (SELECT seq, request_id, line_no, asset_model, site_id, person_id FROM tasks"
-      "  WHERE seq = $1::bigint AND state = 'open' AND asset_id IS NULL),"
-      " pick AS (SELECT a.asset_id FROM assets a JOIN sites s ON s.site_id = a.site_id, t"
-      "  WHERE a.model_id = t.asset_model AND a.status = 'in_stock'"
-      "   AND (a.site_id = t.site_id OR s.kind = 'central')"
-      "  ORDER BY (a.asset_id = $2::bigint) DESC, (a.site_id = t.site_id) DESC, a.asset_id"
-      "  LIMIT 1 FOR UPDATE OF a SKIP LOCKED),"
-      " res AS (UPDATE assets a SET status = 'reserved', request_id = t.request_id,"
-      "  line_no = t.line_no, updated_at = now() FROM pick, t WHERE a.asset_id = pick.asset_id"
-      "  RETURNING a.asset_id, a.site_id, t.request_id, t.person_id),"
-      " h AS (INSERT INTO asset_history (asset_id, status, person_id, request_id, note)"
-      "  SELECT asset_id, 'reserved', person_id, request_id, 'reserved for the request' FROM res)"
-      " UPDATE tasks SET asset_id = res.asset_id, site_id = res.site_id, step = 'queued',"
-      "  updated_at = now() FROM res WHERE tasks.seq = $1::bigint"
-      " RETURNING res.site_id, tasks.asset_model",
-      p, 2, &res, errstr, errstr_size);
-  if (rc != QM_OK) return rc;
-  if (qm_pg_ntuples(res) == 1) {
+  int rc = QM_OK;
+  for (size_t i = prefer_asset > 0 ? 0 : 1; i < QM_ARRAY_LEN(picks); i++) {
+    rc = take_asset(tx, seq, prefer_asset, picks[i], &res, errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    if (qm_pg_ntuples(res) == 1) break;
+    qm_pg_result_destroy(res);
+    res = NULL;
+  }
+  if (res) {
     char site[130], model[130];
     qm_strlcpy(site, qm_pg_get(res, 0, 0), sizeof(site));
     qm_strlcpy(model, qm_pg_get(res, 0, 1), sizeof(model));
@@ -267,7 +307,6 @@ int ff_task_reserve(ff_t *ff, qm_pg_t *tx, int64_t seq, int64_t prefer_asset, bo
       qm_metrics_inc(qm_metrics_child(ff->m_reservations, (const char *const[]){"reserved", NULL}));
     return rc;
   }
-  qm_pg_result_destroy(res);
   if (!do_backorder) return QM_OK;
   return backorder(ff, tx, seq, errstr, errstr_size);
 }
