@@ -240,7 +240,7 @@ int main(int argc, char **argv) {
    * in real life, where timers are set hours or days ahead). */
   int64_t start = qm_now_ms() + 10000;
   sql = qm_asprintf("INSERT INTO timers (kind, owner_key, due_ms) SELECT 'auto_reject',"
-                    " 'due-' || g, %lld + (g - 1) * %lld / %ld FROM generate_series(1, %ld) g",
+                    " 'due-' || g, %lld + (g - 1)::bigint * %lld / %ld FROM generate_series(1, %ld) g",
                     (long long)start, (long long)window_s * 1000, n_due, n_due);
   pg_do(c, sql);
   free(sql);
