@@ -226,6 +226,30 @@ static void c_exactly_once(it_stack_t *st, it_cases_t *cs) {
            "operations left undone");
 }
 
+static void c_periodic_drift(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  /* Reconciliation on its own clock: restart with a 1 s interval and repair
+   * on, put a stranger into a managed group, and watch it found and removed. */
+  it_service_setenv(st, "provisioning", "QM_DRIFT_INTERVAL=1s");
+  it_service_setenv(st, "provisioning", "QM_DRIFT_REPAIR=true");
+  it_service_restart(st, "provisioning");
+  it_scim_member_set(st, "app-jira-user", "p-0299", true);
+  json_t *p = json_loads("{\"event\":\"drift\",\"group\":\"app-jira-user\","
+                         "\"finding\":\"member_without_grant\",\"repaired\":true}", 0, NULL);
+  int n = it_reader_wait(c->access, p, 1, 30000);
+  json_decref(p);
+  IT_CHECK(cs, n == 1, "the periodic reconciliation did not report the stranger (%d findings)", n);
+  json_t *m = it_scim_members(st, "app-jira-user");
+  IT_CHECK(cs, !json_object_get(m, "p-0299"), "the stranger is still in app-jira-user");
+  json_decref(m);
+  /* Nothing else was out of line: the grantees are all still there. */
+  it_sleep_ms(2500);
+  json_t *any = json_loads("{\"event\":\"drift\"}", 0, NULL);
+  it_reader_poll(c->access, 200);
+  IT_CHECK(cs, it_reader_count(c->access, any) == 1, "drift reported more than the stranger");
+  json_decref(any);
+}
+
 Test(provisioning_faults, scim_faults_exactly_once, .fini = it_fini, .timeout = 600) {
   const it_svc_env_t env[] = {
       {"provisioning", "QM_SCIM_TIMEOUT=1s"},
@@ -253,6 +277,7 @@ Test(provisioning_faults, scim_faults_exactly_once, .fini = it_fini, .timeout = 
   it_case_run(&cs, st, "kill -9 with grants and revocations in flight", c_kill9);
   it_case_run(&cs, st, "every grant applied exactly once, nothing revoked that should not be",
               c_exactly_once);
+  it_case_run(&cs, st, "periodic drift reconciliation with repair", c_periodic_drift);
   bool ok = it_cases_report(&cs, "provisioning faults");
   it_reader_close(c->access);
   free(c->admin);
