@@ -68,6 +68,43 @@ static char *grant_state(it_stack_t *st, const char *request_id) {
 
 /* ---- cases ---------------------------------------------------------------- */
 
+static void c_bad_connectors_file(it_stack_t *st, it_cases_t *cs) {
+  /* A connectors file that cannot be used stops start-up with exit 2 (bad
+   * configuration) and names the connector and what is wrong. */
+  char *dir = it_dir_copy_yaml(QM_SOURCE_DIR "/deploy/local/seed", "prov-bad");
+  it_file_write(dir, "bad.json",
+                "{\"connectors\": {\"ldap-x\": {\"type\": \"ldap\", \"url\": \"http://nope\","
+                " \"user_base\": \"ou=p\", \"group_base\": \"ou=g\"}}}");
+  it_file_write(dir, "broken.json", "{\"connectors\": ");
+  static const char *const files[] = {"bad.json", "broken.json"};
+  static const char *const says[] = {"ldap-x", "QM_CONNECTORS_FILE"};
+  for (int i = 0; i < 2; i++) {
+    char *dsn = qm_asprintf("QM_PG_DSN=%s", it_stack_dsn(st));
+    char *cf = qm_asprintf("QM_CONNECTORS_FILE=%s/%s", dir, files[i]);
+    char *port = qm_asprintf("QM_HTTP_PORT=%d", it_service_port(st, "provisioning"));
+    char *prefix = qm_asprintf("QM_TOPIC_PREFIX=%s", it_stack_prefix(st));
+    const char *argv[] = {QM_BINARY_DIR "/services/qm-provisioning", NULL};
+    const char *env[] = {dsn, cf, port, prefix, NULL};
+    char *out = NULL, *err = NULL;
+    int rc = it_run(argv, env, 30000, &out, &err);
+    char *all = qm_asprintf("%s%s", out ? out : "", err ? err : "");
+    free(out);
+    free(err);
+    free(dsn);
+    free(cf);
+    free(port);
+    free(prefix);
+    bool named = strstr(all, says[i]) != NULL;
+    char tail[600];
+    qm_strlcpy(tail, all, sizeof(tail));
+    free(all);
+    IT_CHECK(cs, rc == 2 && named, "%s: exit %d (want 2), output naming '%s': %s", files[i], rc,
+             says[i], tail);
+  }
+  it_dir_remove(dir);
+  free(dir);
+}
+
 static void c_scim_grant_and_regrant(it_stack_t *st, it_cases_t *cs) {
   ctx_t *c = cs->ctx;
   char rid[QM_UUID_STR_LEN];
@@ -494,6 +531,7 @@ Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .time
   it_cases_t cs;
   memset(&cs, 0, sizeof(cs));
   cs.ctx = &c;
+  it_case_run(&cs, st, "a bad connectors file stops start-up (exit 2)", c_bad_connectors_file);
   it_case_run(&cs, st, "SCIM grant, and a re-delivered approval granted once", c_scim_grant_and_regrant);
   it_case_run(&cs, st, "LDAP grants batched into one group", c_ldap_grant_batch);
   it_case_run(&cs, st, "admin revoke (SCIM), grants by person and by item", c_admin_revoke);
