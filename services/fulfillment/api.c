@@ -38,17 +38,21 @@ const char *ff_json_str(json_t *body, const char *name, bool required, qm_proble
   return NULL;
 }
 
+typedef struct tx_call {
+  ff_tx_fn fn;
+  void *ctx;
+} tx_call_t;
+
 static int tx_trampoline(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
                          size_t errstr_size) {
-  void **pair = ctx;
-  ff_tx_fn fn = (ff_tx_fn)(uintptr_t)pair[0];
-  return fn(svc, tx, pair[1], errstr, errstr_size);
+  tx_call_t *tc = ctx;
+  return tc->fn(svc, tx, tc->ctx, errstr, errstr_size);
 }
 
 bool ff_api_tx(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, ff_tx_fn fn, void *ctx) {
   char errstr[512] = "";
-  void *pair[2] = {(void *)(uintptr_t)fn, ctx};
-  int rc = qm_service_tx(ff->svc, 10000, tx_trampoline, pair, errstr, sizeof(errstr));
+  tx_call_t tc = {fn, ctx};
+  int rc = qm_service_tx(ff->svc, 10000, tx_trampoline, &tc, errstr, sizeof(errstr));
   if (rc == QM_OK) return true;
   if ((rc == QM_EINVAL || rc == QM_ENOTFOUND || rc == QM_ECONFLICT || rc == QM_EDUP) &&
       qm_http_resp_status(resp) >= 400)

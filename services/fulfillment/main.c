@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const qm_migration_t migrations[] = {
     {2, "fulfilment tasks",
@@ -287,11 +288,29 @@ static int on_hr(ff_t *ff, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr,
                 (he->person && he->person->status ==
                                    QM__V1__PERSON_STATUS__PERSON_STATUS_TERMINATED);
   if (leaver && he->person && he->person->id[0]) {
-    int n = 0;
-    rc = ff_leaver(ff, tx, he->person->id, he->effective_date, ev->meta.traceparent, &n, errstr,
-                   errstr_size);
-    if (rc == QM_OK)
-      qm_log(QM_LOG_INFO, NULL, NULL, "leaver %s: %d return task(s) opened", he->person->id, n);
+    /* Dated in the future: recalled on that day (a "leaver" timer; a
+     * repeat of the event arms another, and the second recall finds
+     * nothing left to open). Today, in the past or undated: now. */
+    int y = 0, mo = 0, d = 0;
+    int64_t due = 0;
+    if (sscanf(he->effective_date, "%4d-%2d-%2d", &y, &mo, &d) == 3 && mo >= 1 && mo <= 12 &&
+        d >= 1 && d <= 31) {
+      struct tm tm = {.tm_year = y - 1900, .tm_mon = mo - 1, .tm_mday = d};
+      due = (int64_t)timegm(&tm) * 1000;
+    }
+    if (due > qm_now_ms()) {
+      rc = qm_timer_add(tx, "timers", "leaver", he->person->id, he->effective_date,
+                        strlen(he->effective_date), due, NULL, errstr, errstr_size);
+      if (rc == QM_OK)
+        qm_log(QM_LOG_INFO, NULL, NULL, "leaver %s effective %s: assets recalled on that day",
+               he->person->id, he->effective_date);
+    } else {
+      int n = 0;
+      rc = ff_leaver(ff, tx, he->person->id, he->effective_date, ev->meta.traceparent, &n, errstr,
+                     errstr_size);
+      if (rc == QM_OK)
+        qm_log(QM_LOG_INFO, NULL, NULL, "leaver %s: %d return task(s) opened", he->person->id, n);
+    }
   }
   qm__v1__hr_event__free_unpacked(he, NULL);
   return rc;

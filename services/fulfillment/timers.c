@@ -7,6 +7,8 @@
  *    type's SLA; cancelled when the task closes. Firing on a task still open
  *    marks it breached, publishes SLA_BREACHED and counts
  *    qm_fulfillment_sla_breaches_total{item_type}.
+ *  - "leaver" (owner the person id, payload the effective date): a leaver
+ *    dated in the future is recalled on that day.
  *  - "loan_overdue" (owner "loan:<id>"), due at the booking's end; firing on
  *    a loan not yet returned publishes LOAN_OVERDUE (the reminder).
  */
@@ -52,6 +54,14 @@ static int fire(void *ctx, qm_pg_t *tx, const qm_timer_t *t, char *errstr, size_
   ff_t *ff = ctx;
   if (!strcmp(t->kind, "sla") && !strncmp(t->owner_key, "task:", 5))
     return fire_sla(ff, tx, t, errstr, errstr_size);
+  if (!strcmp(t->kind, "leaver")) { /* a leaver dated in the future: the day has come */
+    char date[16] = "";
+    if (t->payload && t->payload_len < sizeof(date)) memcpy(date, t->payload, t->payload_len);
+    int n = 0;
+    int rc = ff_leaver(ff, tx, t->owner_key, date, NULL, &n, errstr, errstr_size);
+    if (rc == QM_OK) qm_log_info("leaver %s (effective %s): %d return task(s) opened", t->owner_key, date, n);
+    return rc;
+  }
   if (!strcmp(t->kind, "loan_overdue") && !strncmp(t->owner_key, "loan:", 5))
     return ff_loan_overdue(ff, tx, t->owner_key + 5, errstr, errstr_size);
   return qm_err(errstr, errstr_size, QM_EINVAL, "unknown timer kind %s", t->kind);

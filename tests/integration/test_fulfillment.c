@@ -628,6 +628,28 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   j = expect_json(cs, st, "GET", "/v1/assets/PX-000001", NULL, 200);
   IT_CHECK(cs, !strcmp(jstr(j, "status"), "in_stock"), "released asset %s", json_dumps(j, 0));
   json_decref(j);
+  /* A leaver dated tomorrow (p-0301 holds PH-000900): nothing until that
+   * day, then the recall. The day is brought forward by moving the timer. */
+  char tomorrow[16];
+  it_date(1, tomorrow, sizeof(tomorrow));
+  it_hr_event_t later = {.kind = "leaver", .effective_date = tomorrow,
+                         .person = {.id = "p-0301", .name = "Later", .status = "active"}};
+  it_hr_publish(st, &later);
+  until = it_now_ms() + 20000;
+  while (it_pg_int(st, "SELECT count(*) FROM fulfillment.timers WHERE kind = 'leaver'"
+                       " AND owner_key = 'p-0301' AND status = 'pending'") == 0 &&
+         it_now_ms() < until)
+    it_sleep_ms(100);
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.timers WHERE kind = 'leaver'"
+                             " AND owner_key = 'p-0301' AND status = 'pending'") == 1,
+           "no timer for the future leaver");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.returns WHERE person_id = 'p-0301'") == 0,
+           "recalled before the effective date");
+  it_pg_int(st, "WITH u AS (UPDATE fulfillment.timers SET due_ms = (extract(epoch FROM now()) * 1000)::bigint,"
+                " synced = false WHERE kind = 'leaver' AND owner_key = 'p-0301' RETURNING 1)"
+                " SELECT count(*) FROM u");
+  IT_CHECK(cs, events_of(cs, "qm.fulfillment.return_requested.v1", "bo-1", 1, 30000) >= 1,
+           "future leaver never recalled");
 }
 
 static void c_sla(it_stack_t *st, it_cases_t *cs) {
