@@ -40,6 +40,14 @@ static void want_events(it_cases_t *cs, ctx_t *c, const char *pattern, int n) {
   IT_CHECK(cs, got >= n, "expected %d event(s) %s on qm.access.v1, got %d", n, pattern, got);
 }
 
+/* Publishes the approval and waits for its AccessGranted. */
+static void approve_and_wait(it_stack_t *st, it_cases_t *cs, const it_approved_t *a) {
+  it_publish_approved(st, a);
+  char pat[512];
+  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", a->request_id);
+  want_events(cs, cs->ctx, pat, 1);
+}
+
 static int count_events(ctx_t *c, const char *pattern) {
   it_reader_poll(c->access, 200);
   json_t *pat = json_loads(pattern, 0, NULL);
@@ -172,13 +180,9 @@ static void c_admin_revoke(it_stack_t *st, it_cases_t *cs) {
                       .role_id = "user", .group = "app-slack-user"};
   it_approved_t a2 = {.request_id = r2, .person_id = "p-0213", .item_id = "slack",
                       .role_id = "user", .group = "app-slack-user"};
-  it_publish_approved(st, &a1);
-  it_publish_approved(st, &a2);
+  approve_and_wait(st, cs, &a1);
+  approve_and_wait(st, cs, &a2);
   char pat[512];
-  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r1);
-  want_events(cs, c, pat, 1);
-  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r2);
-  want_events(cs, c, pat, 1);
   char *gid = grant_of(st, r1);
   IT_CHECK(cs, gid != NULL, "no grant row for %s", r1);
   char path[128];
@@ -271,13 +275,9 @@ static void c_two_grants_one_membership(it_stack_t *st, it_cases_t *cs) {
                       .role_id = "user", .group = "app-confluence-user"};
   it_approved_t a2 = {.request_id = r2, .person_id = "p-0230", .item_id = "confluence-space",
                       .role_id = "user", .group = "app-confluence-user"};
-  it_publish_approved(st, &a1);
-  it_publish_approved(st, &a2);
+  approve_and_wait(st, cs, &a1);
+  approve_and_wait(st, cs, &a2);
   char pat[512];
-  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r1);
-  want_events(cs, c, pat, 1);
-  snprintf(pat, sizeof(pat), "{\"event\":\"granted\",\"request_id\":\"%s\"}", r2);
-  want_events(cs, c, pat, 1);
   it_publish_revocation(st, r1, "p-0230", "confluence", "user", "review");
   snprintf(pat, sizeof(pat), "{\"event\":\"revoked\",\"request_id\":\"%s\",\"reason\":\"review\"}", r1);
   want_events(cs, c, pat, 1);
