@@ -42,14 +42,18 @@ static const char *secret(const json_t *o, const char *k) {
 }
 
 static int add_scim(prov_t *prov, const char *name, const char *url, const char *token,
-                    const char *dialect, const char *ca_file, int64_t timeout_ms, char *errstr,
-                    size_t errstr_size) {
+                    const char *dialect, const char *ca_file, int64_t timeout_ms,
+                    int64_t retry_after_max_ms, char *errstr, size_t errstr_size) {
+  /* The backoff cap only ever binds a Retry-After (3 attempts of exponential
+   * backoff from 200 ms stay far below it): a directory that asks for a
+   * minute's rest gets it, up to the configured bound. */
   qm_scim_config_t sc = {
       .base_url = url,
       .bearer_token = token,
       .ca_file = ca_file && *ca_file ? ca_file : NULL,
       .total_timeout_ms = (int)timeout_ms,
       .max_attempts = 3,
+      .backoff_max_ms = (int)retry_after_max_ms,
   };
   if (qm_scim_dialect_parse(dialect ? dialect : "generic", &sc.dialect) != QM_OK)
     return qm_err(errstr, errstr_size, QM_EINVAL,
@@ -77,8 +81,11 @@ static int add_from_json(prov_t *prov, const char *name, const json_t *o, int64_
   if (tmo <= 0) tmo = def_timeout;
   int rc;
   if (type && !strcmp(type, "scim")) {
+    json_int_t ra = json_integer_value(json_object_get(o, "retry_after_max_ms"));
     rc = add_scim(prov, name, jstr(o, "url"), secret(o, "token"), jstr(o, "dialect"),
-                  jstr(o, "ca_file"), tmo, errstr, errstr_size);
+                  jstr(o, "ca_file"), tmo,
+                  ra > 0 ? ra : qm_config_ms(qm_service_config(prov->svc), "QM_SCIM_RETRY_AFTER_MAX"),
+                  errstr, errstr_size);
   } else if (type && !strcmp(type, "ldap")) {
     json_t *ph = json_object_get(o, "placeholder_dn");
     qm_ldap_config_t lc = {
@@ -149,7 +156,7 @@ int prov_connectors_load(prov_t *prov, char *errstr, size_t errstr_size) {
     const char *ca = qm_config_str(cfg, "QM_SCIM_CA_FILE");
     rc = add_scim(prov, "scim-main", qm_config_str(cfg, "QM_SCIM_URL"),
                   qm_config_str(cfg, "QM_SCIM_TOKEN"), qm_config_str(cfg, "QM_SCIM_DIALECT"), ca,
-                  tmo, errstr, errstr_size);
+                  tmo, qm_config_ms(cfg, "QM_SCIM_RETRY_AFTER_MAX"), errstr, errstr_size);
     if (rc != QM_OK) prov_connectors_free(prov);
   }
   if (rc == QM_OK)

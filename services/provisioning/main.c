@@ -128,6 +128,8 @@ static const qm_cfg_def_t config[] = {
     {"QM_SCIM_CA_FILE", QM_CFG_STR, "", "PEM CA bundle for the directory's TLS certificate.", 0,
      0, 0},
     {"QM_SCIM_TIMEOUT", QM_CFG_MS, "10s", "Bound on one SCIM HTTP attempt.", 100, 300000, 0},
+    {"QM_SCIM_RETRY_AFTER_MAX", QM_CFG_MS, "60s",
+     "Longest Retry-After (429/503) a SCIM call waits out before its next try.", 100, 600000, 0},
     {"QM_PROVISIONING_WORKERS", QM_CFG_INT, "4", "Threads applying grant operations.", 1, 64, 0},
     {"QM_PROVISIONING_MAX_ATTEMPTS", QM_CFG_INT, "6",
      "Attempts at a grant operation before it is parked as failed.", 1, 100, 0},
