@@ -34,6 +34,12 @@ int audit_keygen_main(int argc, char **argv);  /* keys.c */
 int audit_pubkey_main(int argc, char **argv);  /* keys.c */
 int audit_prune_main(int argc, char **argv);   /* prune.c */
 
+/* A command-line tool's connection: QM_PG_DSN (default AUDIT_DEFAULT_DSN),
+ * schema audit, application name qm-audit-<tool>. NULL after printing
+ * "qm-audit <tool>: cannot connect (…); set QM_PG_DSN" to stderr (tools.c).
+ * Caller frees with qm_pg_destroy(). */
+qm_pg_t *audit_tool_connect(const char *tool);
+
 /* The ledger's migrations (main.c), versions 2 and up. */
 extern const qm_migration_t audit_migrations[];
 extern const size_t audit_n_migrations;

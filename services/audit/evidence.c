@@ -137,6 +137,16 @@ static qm_problem_t *parse_filter(qm_http_req_t *req, filter_t *f, bool paged) {
   return pb;
 }
 
+/* Parameters $1..$6 of FILTER_SQL from f into p. */
+static void filter_params(const filter_t *f, qm_pg_param_t p[6]) {
+  p[0] = f->has_from ? QM_PG_INT64(f->from_ms) : QM_PG_NULL;
+  p[1] = f->has_to ? QM_PG_INT64(f->to_ms) : QM_PG_NULL;
+  p[2] = f->type ? QM_PG_TEXT(f->type) : QM_PG_NULL;
+  p[3] = f->person ? QM_PG_TEXT(f->person) : QM_PG_NULL;
+  p[4] = f->item ? QM_PG_TEXT(f->item) : QM_PG_NULL;
+  p[5] = f->request_id ? QM_PG_TEXT(f->request_id) : QM_PG_NULL;
+}
+
 /* ---- records as JSON ---------------------------------------------------------- */
 
 static json_t *record_json(const qm_pg_result_t *res, int i, bool with_bytes) {
@@ -196,16 +206,12 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   }
   qm_pg_t *pg = NULL;
   if (acquire(api, resp, &pg) != QM_OK) return;
-  qm_pg_param_t p[] = {f.has_from ? QM_PG_INT64(f.from_ms) : QM_PG_NULL,
-                       f.has_to ? QM_PG_INT64(f.to_ms) : QM_PG_NULL,
-                       f.type ? QM_PG_TEXT(f.type) : QM_PG_NULL,
-                       f.person ? QM_PG_TEXT(f.person) : QM_PG_NULL,
-                       f.item ? QM_PG_TEXT(f.item) : QM_PG_NULL,
-                       f.request_id ? QM_PG_TEXT(f.request_id) : QM_PG_NULL,
-                       QM_PG_INT64(f.has_after ? f.after_ms : -1),
-                       QM_PG_TEXT(f.after_chain),
-                       QM_PG_INT64(f.after_seq),
-                       QM_PG_INT64(f.limit + 1)};
+  qm_pg_param_t p[10];
+  filter_params(&f, p);
+  p[6] = QM_PG_INT64(f.has_after ? f.after_ms : -1);
+  p[7] = QM_PG_TEXT(f.after_chain);
+  p[8] = QM_PG_INT64(f.after_seq);
+  p[9] = QM_PG_INT64(f.limit + 1);
   qm_pg_result_t *res = NULL;
   char errstr[512];
   int rc = qm_pg_exec(pg,
@@ -796,13 +802,9 @@ static void export_route(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   if (rc == QM_OK)
     rc = qm_pg_exec(pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", NULL, 0, NULL, errstr,
                     sizeof(errstr));
-  qm_pg_param_t p[] = {f.has_from ? QM_PG_INT64(f.from_ms) : QM_PG_NULL,
-                       f.has_to ? QM_PG_INT64(f.to_ms) : QM_PG_NULL,
-                       f.type ? QM_PG_TEXT(f.type) : QM_PG_NULL,
-                       f.person ? QM_PG_TEXT(f.person) : QM_PG_NULL,
-                       f.item ? QM_PG_TEXT(f.item) : QM_PG_NULL,
-                       f.request_id ? QM_PG_TEXT(f.request_id) : QM_PG_NULL,
-                       QM_PG_TEXT(format == EXPORT_OCSF ? "true" : "false")};
+  qm_pg_param_t p[7];
+  filter_params(&f, p);
+  p[6] = QM_PG_TEXT(format == EXPORT_OCSF ? "true" : "false");
   if (rc == QM_OK)
     rc = qm_pg_exec(pg,
                     "DECLARE export_cur NO SCROLL CURSOR FOR SELECT " RECORD_COLS

@@ -339,17 +339,12 @@ int audit_export_main(int argc, char **argv) {
       return 2;
     }
   }
-  const char *dsn = getenv("QM_PG_DSN");
-  if (!dsn || !*dsn) dsn = AUDIT_DEFAULT_DSN;
   char errstr[512];
   int status = 2;
   int64_t n = 0;
   qm_pg_result_t *chains = NULL;
-  qm_pg_t *pg = qm_pg_connect_app(dsn, "audit", "qm-audit-export", errstr, sizeof(errstr));
-  if (!pg) {
-    fprintf(stderr, "qm-audit export: cannot connect (%s); set QM_PG_DSN\n", errstr);
-    return 2;
-  }
+  qm_pg_t *pg = audit_tool_connect("export");
+  if (!pg) return 2;
   if (qm_pg_exec_simple(pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", errstr,
                         sizeof(errstr)) != QM_OK)
     goto fail;

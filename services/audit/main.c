@@ -605,14 +605,9 @@ static void fini(qm_service_t *svc, void *app_) {
 /* `qm-audit migrate`: applies the schema and exits (init containers, bench). */
 static int migrate_main(void) {
   qm_log_init("audit", QM_LOG_INFO, NULL);
-  const char *dsn = getenv("QM_PG_DSN");
-  if (!dsn || !*dsn) dsn = AUDIT_DEFAULT_DSN;
   char errstr[512];
-  qm_pg_t *pg = qm_pg_connect_app(dsn, "audit", "qm-audit-migrate", errstr, sizeof(errstr));
-  if (!pg) {
-    fprintf(stderr, "qm-audit migrate: cannot connect (%s); set QM_PG_DSN\n", errstr);
-    return 2;
-  }
+  qm_pg_t *pg = audit_tool_connect("migrate");
+  if (!pg) return 2;
   qm_migration_t migs[1 + QM_ARRAY_LEN(audit_migrations)];
   migs[0] = qm_outbox_migration;
   for (size_t i = 0; i < audit_n_migrations; i++) migs[i + 1] = audit_migrations[i];

@@ -437,14 +437,9 @@ int audit_reindex_main(int argc, char **argv) {
     return 2;
   }
   qm_log_init("audit", QM_LOG_WARN, NULL);
-  const char *dsn = getenv("QM_PG_DSN");
-  if (!dsn || !*dsn) dsn = AUDIT_DEFAULT_DSN;
   char errstr[512];
-  qm_pg_t *pg = qm_pg_connect_app(dsn, "audit", "qm-audit-reindex", errstr, sizeof(errstr));
-  if (!pg) {
-    fprintf(stderr, "qm-audit reindex: cannot connect (%s); set QM_PG_DSN\n", errstr);
-    return 2;
-  }
+  qm_pg_t *pg = audit_tool_connect("reindex");
+  if (!pg) return 2;
   int64_t t0 = qm_now_ms(), records = 0, facts_before = 0, facts_after = 0;
   qm_pg_result_t *res = NULL;
   /* One transaction: readers see the old projection until the new one is

@@ -155,13 +155,8 @@ int audit_prune_main(int argc, char **argv) {
   char key_id[CHAIN_KEY_ID_LEN];
   chain_key_id(key, key_id);
   chain_key_destroy(key);
-  const char *dsn = getenv("QM_PG_DSN");
-  if (!dsn || !*dsn) dsn = AUDIT_DEFAULT_DSN;
-  qm_pg_t *pg = qm_pg_connect_app(dsn, "audit", "qm-audit-prune", errstr, sizeof(errstr));
-  if (!pg) {
-    fprintf(stderr, "qm-audit prune: cannot connect (%s); set QM_PG_DSN\n", errstr);
-    return 2;
-  }
+  qm_pg_t *pg = audit_tool_connect("prune");
+  if (!pg) return 2;
   int64_t total = 0, n = 0;
   int rc;
   do {

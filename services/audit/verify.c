@@ -226,17 +226,12 @@ static int db_chain(qm_pg_t *pg, walk_t *w, const char *chain, bool have_cps,
 }
 
 static int verify_db(const verify_opts_t *o, const chain_key_t *pub) {
-  const char *dsn = getenv("QM_PG_DSN");
-  if (!dsn || !*dsn) dsn = AUDIT_DEFAULT_DSN;
   char errstr[512];
   int status = 2;
   walk_t *w = NULL;
   qm_pg_result_t *res = NULL;
-  qm_pg_t *pg = qm_pg_connect_app(dsn, "audit", "qm-audit-verify", errstr, sizeof(errstr));
-  if (!pg) {
-    fprintf(stderr, "qm-audit verify: cannot connect (%s); set QM_PG_DSN\n", errstr);
-    return 2;
-  }
+  qm_pg_t *pg = audit_tool_connect("verify");
+  if (!pg) return 2;
   /* One snapshot for records, heads and checkpoints, so appends while we
    * read cannot make a healthy chain look broken. */
   if (qm_pg_exec_simple(pg, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", errstr,
