@@ -10,8 +10,8 @@
  *   cost above the threshold → + finance; self-approval refused; the manager
  *   who asks → the manager's manager; away → delegate (new steps and steps
  *   already waiting); away without delegate → fallback chain; separation of
- *   duties refused; break-glass; cancellation closes steps and timers; a
- *   failing webhook never blocks a decision and is retried.
+ *   duties refused; break-glass; cancellation and a leaver close steps and
+ *   timers; a failing webhook never blocks a decision and is retried.
  *
  * timers (one stack, second-long clocks, a private Redis, two approval
  * instances): separation of duties routed to security; reminder →
@@ -508,6 +508,40 @@ static void c_cancellation(it_stack_t *st, it_cases_t *cs) {
   free(id);
 }
 
+static void c_leaver(it_stack_t *st, it_cases_t *cs) {
+  char *id = submit(st, "p-0061", "employee", "p-0061", "figma", "editor");
+  json_decref(wait_step(cs, st, id, 1, "pending", 20000));
+  json_t *p = it_seed_person("p-0061");
+  char today[16];
+  it_date(0, today, sizeof(today));
+  it_hr_event_t ev = {.kind = "leaver",
+                      .effective_date = today,
+                      .person = {.id = "p-0061",
+                                 .name = jget(p, "name"),
+                                 .email = jget(p, "email"),
+                                 .manager_id = jget(p, "manager_id"),
+                                 .department = jget(p, "department"),
+                                 .job_function = jget(p, "job_function"),
+                                 .country = jget(p, "country"),
+                                 .location = jget(p, "location"),
+                                 .employment_type = "employee",
+                                 .status = "terminated",
+                                 .end_date = today,
+                                 .directory_username = "p-0061"}};
+  it_hr_publish(st, &ev);
+  json_decref(p);
+  /* Intake cancels the leaver's pending requests; approval closes the step. */
+  json_decref(wait_step(cs, st, id, 1, "cancelled", 30000));
+  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
+                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
+                            " AND t.status = 'pending'", id) == 0,
+           "a leaver's step keeps timers");
+  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.people WHERE id = '%s'"
+                            " AND status = 'terminated'", "p-0061") == 1,
+           "approval's directory did not record the leaver");
+  free(id);
+}
+
 static void c_webhook_down(it_stack_t *st, it_cases_t *cs) {
   ap_ctx_t *cx = cs->ctx;
   it_recorder_set_status(cx->hooks, 503);
@@ -704,6 +738,7 @@ Test(approval, routing, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "sod_refused", c_sod_refused);
   it_case_run(&cs, st, "break_glass", c_break_glass);
   it_case_run(&cs, st, "cancellation", c_cancellation);
+  it_case_run(&cs, st, "leaver_closes_steps", c_leaver);
   it_case_run(&cs, st, "webhook_down_never_blocks", c_webhook_down);
   bool all = it_cases_report(&cs, "approval routing");
   it_reader_close(cx.decisions);
