@@ -4,12 +4,16 @@
  *   appendgen topics create|delete --prefix P [--partitions N]
  *       creates (or deletes) every Quartermaster topic and its .dlq twin
  *       under the prefix, so a run leaves nothing behind;
- *   appendgen produce --prefix P -n N [--size BYTES] [--people K]
- *       produces N synthetic events straight to <P>qm.requests.v1, each a
- *       valid CloudEvent (fresh ce_id, type qm.bench.synthetic.v1, source
- *       /qm/bench) with a random payload of BYTES bytes, keyed by the people
+ *   appendgen produce --prefix P -n N [--size BYTES] [--people K] [--random]
+ *       produces N events straight to <P>qm.requests.v1, each a valid
+ *       CloudEvent (fresh ce_id, source /qm/bench) keyed by the people
  *       p-0001..p-<K> in turn, through the same idempotent producer the
  *       services use (librdkafka's default partitioner: CRC-32 of the key).
+ *       By default each is a real RequestSubmitted (type
+ *       qm.request.submitted.v1, one line, its reason padded to about BYTES
+ *       bytes), so audit decodes it and writes its report fact as it would
+ *       in production; --random sends BYTES random bytes of type
+ *       qm.bench.synthetic.v1 instead (no decoding, no facts).
  *
  * It speaks to Kafka only; the script starts qm-audit and measures the
  * ledger. QM_KAFKA_BROKERS selects the brokers (default 127.0.0.1:9092).
@@ -19,6 +23,8 @@
 #include "qm_kafka.h"
 #include "qm_topics.h"
 
+#include "qm/v1/requests.pb-c.h"
+
 #include <librdkafka/rdkafka.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +32,7 @@
 
 static void usage(void) {
   fprintf(stderr, "usage: appendgen topics create|delete --prefix P [--partitions N]\n"
-                  "       appendgen produce --prefix P -n N [--size BYTES] [--people K]\n");
+                  "       appendgen produce --prefix P -n N [--size BYTES] [--people K] [--random]\n");
 }
 
 static long arg_long(const char *s, long lo, long hi, const char *what) {
@@ -126,11 +132,13 @@ static void on_delivery(void *ctx, void *opaque, int err, const char *reason) {
 static int produce_main(int argc, char **argv, const char *brokers) {
   const char *prefix = NULL;
   long n = 0, size = 200, people = 300;
+  bool random_bytes = false;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--prefix") && i + 1 < argc) prefix = argv[++i];
+    else if (!strcmp(argv[i], "--random")) random_bytes = true;
     else if (!strcmp(argv[i], "-n") && i + 1 < argc) n = arg_long(argv[++i], 1, 100000000, "-n");
     else if (!strcmp(argv[i], "--size") && i + 1 < argc)
-      size = arg_long(argv[++i], 0, 100000, "--size");
+      size = arg_long(argv[++i], 0, 60000, "--size");
     else if (!strcmp(argv[i], "--people") && i + 1 < argc)
       people = arg_long(argv[++i], 1, 9999, "--people");
     else {
@@ -154,6 +162,8 @@ static int produce_main(int argc, char **argv, const char *brokers) {
   }
   char *topic = qm_asprintf("%s%s", prefix, QM_TOPIC_REQUESTS);
   uint8_t *payload = qm_malloc((size_t)size + 1);
+  static uint8_t packed[65536];
+  static const char *const items[] = {"slack", "zoom", "figma", "jira"};
   uint64_t x = 0x9E3779B97F4A7C15ull ^ (uint64_t)qm_now_ms();
   int64_t t0 = qm_mono_ms();
   int rc = 0;
@@ -167,9 +177,39 @@ static int produce_main(int argc, char **argv, const char *brokers) {
     char key[16], subject[QM_UUID_STR_LEN];
     int klen = snprintf(key, sizeof(key), "p-%04ld", i % people + 1);
     qm_uuid_new(subject);
+    size_t len = (size_t)size;
+    if (!random_bytes) { /* a real submission, its reason the random text */
+      for (long b = 0; b < size; b++) payload[b] = (uint8_t)('a' + payload[b] % 26);
+      payload[size > 120 ? size - 120 : 0] = '\0';
+      Qm__V1__Actor req = QM__V1__ACTOR__INIT;
+      req.person_id = key;
+      Qm__V1__RequestLine line = QM__V1__REQUEST_LINE__INIT;
+      Qm__V1__RequestLine *lines[] = {&line};
+      line.line_no = 1;
+      line.item_id = (char *)items[i % 4];
+      line.role_id = "user";
+      Qm__V1__RequestSubmitted sub = QM__V1__REQUEST_SUBMITTED__INIT;
+      sub.request_id = subject;
+      sub.requester = &req;
+      sub.subject_person_id = key;
+      sub.subject_department = "Engineering";
+      sub.reason = (char *)payload;
+      sub.n_lines = 1;
+      sub.lines = lines;
+      sub.submitted_at_ms = qm_now_ms();
+      sub.origin = "self_service";
+      Qm__V1__RequestEvent re = QM__V1__REQUEST_EVENT__INIT;
+      re.event_case = QM__V1__REQUEST_EVENT__EVENT_SUBMITTED;
+      re.submitted = &sub;
+      len = protobuf_c_message_get_packed_size(&re.base);
+      if (len > sizeof(packed)) len = 0;
+      else protobuf_c_message_pack(&re.base, packed);
+    }
     qm_event_out_t ev = {.topic = topic, .key = key, .key_len = (size_t)klen,
-                         .payload = payload, .payload_len = (size_t)size};
-    qm_event_meta_init(&ev.meta, "bench", "qm.bench.synthetic.v1", subject, NULL);
+                         .payload = random_bytes ? payload : packed, .payload_len = len};
+    qm_event_meta_init(&ev.meta, "bench",
+                       random_bytes ? "qm.bench.synthetic.v1" : "qm.request.submitted.v1", subject,
+                       NULL);
     if (qm_producer_send(p, &ev, NULL, 30000, errstr, sizeof(errstr)) != QM_OK) {
       fprintf(stderr, "appendgen: send %ld: %s\n", i, errstr);
       rc = 1;

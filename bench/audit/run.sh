@@ -4,7 +4,8 @@
 # not the suite: every run uses its own databases and topic prefix and
 # removes them at the end.
 #
-#  1. appends  — N synthetic events are produced straight to a fresh
+#  1. appends  — N RequestSubmitted events (real payloads, so audit decodes them
+#     and writes their report facts) are produced straight to a fresh
 #     <prefix>qm.requests.v1 (appendgen), then qm-audit is started on a fresh
 #     database and drains them: ledger rows per second from the first record
 #     to the last (recorded_at_ms), with one instance and with two sharing the
