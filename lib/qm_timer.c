@@ -853,11 +853,34 @@ static int timers_round(qm_timers_t *t, size_t *did, size_t *fired_out) {
   int rc = timers_connect(t, errstr, sizeof(errstr));
   if (rc != QM_OK) goto out;
   if (qm_mono_ms() >= t->next_resync_ms) {
-    size_t loaded = 0;
-    rc = timers_reload(t, &loaded, errstr, sizeof(errstr));
+    /* A full reload costs seconds per million timers: do it only when the
+     * set holds fewer members than there are pending rows (a member lost
+     * without the marker going: a partial flush, an eviction). Stale extra
+     * members can hide a loss from this count; a flush cannot. */
+    int64_t pending = 0;
+    long long card = -1;
+    qm_pg_result_t *res = NULL;
+    rc = qm_pg_exec(t->pg, t->sql_pending, NULL, 0, &res, errstr, sizeof(errstr));
     if (rc != QM_OK) goto out;
-    qm_metrics_inc(t->m_resync_periodic);
-    qm_log_debug("timers %s.%s: periodic resync loaded %zu", t->schema, t->table, loaded);
+    (void)qm_pg_get_int64(res, 0, 0, &pending);
+    qm_pg_result_destroy(res);
+    const char *zc[] = {"ZCARD", t->key};
+    qm_redis_reply_t *rep = NULL;
+    if (qm_redis_command(t->redis, QM_REDIS_IDEMPOTENT, 2, zc, NULL, &rep, errstr,
+                         sizeof(errstr)) != QM_OK) {
+      rc = QM_ETRANSIENT;
+      goto out;
+    }
+    if (qm_redis_reply_type(rep) == QM_REDIS_REPLY_INT) card = qm_redis_reply_int(rep);
+    qm_redis_reply_destroy(rep);
+    if (card < pending) {
+      size_t loaded = 0;
+      qm_log_warn("timers %s.%s: Redis holds %lld members for %lld pending timers; reloading",
+                  t->schema, t->table, card, (long long)pending);
+      rc = timers_reload(t, &loaded, errstr, sizeof(errstr));
+      if (rc != QM_OK) goto out;
+      qm_metrics_inc(t->m_resync_periodic);
+    }
     t->next_resync_ms = qm_mono_ms() + t->resync_ms;
   }
   rc = timers_feed(t, &fed, errstr, sizeof(errstr));

@@ -33,7 +33,8 @@
  * Repair: a marker key says the set was loaded from PostgreSQL. When it is
  * missing (FLUSHALL, a Redis restart without persistence, a new Redis) the
  * first instance to notice reloads every pending timer (ZADD GT, so claims in
- * flight keep their lease), and every instance also resyncs on a period. A
+ * flight keep their lease). Every resync_ms each instance also compares the
+ * set's size with the pending rows and reloads when members are missing. A
  * reload racing a flush is detected by a token in the marker and redone.
  *
  * Clocks: due times are unix milliseconds from the instances' wall clocks
@@ -134,7 +135,8 @@ typedef struct qm_timers_conf {
   int poll_ms;             /* idle poll of Redis and PostgreSQL, default 100 */
   int batch;               /* timers claimed per round, default 100 */
   int retry_ms;            /* after a transient failure, default 5000 */
-  int64_t resync_ms;       /* periodic full reload, default 300000 (5 min) */
+  int64_t resync_ms;       /* periodic check (and reload when members are missing),
+                            * default 300000 (5 min) */
   int pending_refresh_ms;  /* pending gauge refresh, default 5000 */
   qm_timer_fire_fn fire;   /* required */
   void *fire_ctx;          /* borrowed, passed to fire */

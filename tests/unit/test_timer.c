@@ -415,3 +415,34 @@ Test(timer, failures_transient_retried_permanent_marked_failed) {
                 "the transient failures were counted");
   qm_timers_destroy(t);
 }
+
+Test(timer, periodic_check_restores_a_lost_member) {
+  fire_ctx_t fc = {0};
+  qm_timers_conf_t conf = {.dsn = UNIT_DSN,
+                           .schema = schema,
+                           .redis_port = redis_port,
+                           .poll_ms = 20,
+                           .resync_ms = 300,
+                           .fire = on_fire,
+                           .fire_ctx = &fc};
+  qm_timers_t *t = qm_timers_new(&conf, errstr, sizeof(errstr));
+  cr_assert_not_null(t, "%s", errstr);
+  add_timers(5, qm_now_ms() + 3600 * 1000, 0, "far");
+  cr_assert_eq(qm_timers_run_once(t, NULL), QM_OK); /* marker missing: reload */
+  cr_assert_eq(qm_timers_run_once(t, NULL), QM_OK); /* feed */
+  const char *zc[] = {"ZCARD", qm_timers_redis_key(t)};
+  cr_assert_eq(redis_int(zc, 2), 5);
+  /* A member lost while the marker stays (an eviction, a partial flush). */
+  char idtxt[32];
+  snprintf(idtxt, sizeof(idtxt), "%lld", pg_int("SELECT min(timer_id) FROM timers"));
+  const char *zr[] = {"ZREM", qm_timers_redis_key(t), idtxt};
+  cr_assert_eq(redis_int(zr, 3), 1);
+  cr_assert_eq(redis_int(zc, 2), 4);
+  usleep(400000);
+  cr_assert_eq(qm_timers_run_once(t, NULL), QM_OK);
+  cr_assert_eq(redis_int(zc, 2), 5, "the periodic check did not restore the lost member");
+  qm_timers_stats_t st;
+  qm_timers_stats(t, &st);
+  cr_assert_geq(st.resyncs, 2);
+  qm_timers_destroy(t);
+}
