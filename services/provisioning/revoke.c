@@ -6,7 +6,8 @@
  * older operation on the same person and group (so a grant still on its way
  * is applied first, then removed), and publish AccessRevoked with the reason.
  * A grant is marked with its revoke reason when the operation is queued, so
- * a second cause (a leaver while an expiry is on its way) queues nothing more.
+ * a second cause (a leaver while an expiry is on its way) queues nothing more;
+ * a grant operation still waiting (not claimed by a worker) is cancelled.
  */
 #include "provisioning.h"
 
@@ -42,7 +43,14 @@ int prov_revoke_queue(prov_t *prov, qm_pg_t *tx, const char *person_id, const ch
       " WHERE ($1::text IS NULL OR person_id = $1) AND ($2::text IS NULL OR grant_id = $2)"
       " AND ($3::text IS NULL OR item_id = $3) AND ($4::text IS NULL OR role_id = $4)"
       " AND state IN ('pending', 'active', 'failed') AND revoke_reason IS NULL"
-      " RETURNING grant_id, person_id, grp)"
+      " RETURNING grant_id, person_id, grp),"
+      /* A grant not applied yet and not in a worker's hands is never applied:
+       * a leaver must not be given access a moment before it is taken. One
+       * that a worker holds is applied, then revoked in turn. */
+      " cancelled AS (UPDATE grant_ops o SET state = 'done', finished_at = now(),"
+      "  last_error = 'cancelled: revoked (' || $5 || ') before it was applied'"
+      "  FROM g WHERE o.grant_id = g.grant_id AND o.op = 'grant' AND o.state = 'pending'"
+      "  AND o.lease_until IS NULL RETURNING o.id)"
       " INSERT INTO grant_ops (grant_id, op, person_id, grp, state, reason, actor)"
       " SELECT grant_id, 'revoke', person_id, grp, 'pending', $5, $6 FROM g",
       p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);

@@ -253,6 +253,27 @@ static int finish_failed(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, int cau
                       " WHERE id = $1::bigint AND state = 'pending'",
                       p, 1, NULL, errstr, errstr_size);
   }
+  if (!strcmp(o->op, "grant")) {
+    /* Revoked while this grant was failing: nothing to apply any more; the
+     * revoke queued behind it can go ahead. */
+    qm_pg_param_t p[] = {QM_PG_INT64(o->id), QM_PG_TEXT(o->grant_id), QM_PG_TEXT(why)};
+    qm_pg_result_t *res = NULL;
+    int rc = qm_pg_exec(pg,
+                        "UPDATE grant_ops SET state = 'done', finished_at = now(),"
+                        " lease_until = NULL, last_error = 'cancelled: revoked before it was"
+                        " applied (last error: ' || $3 || ')'"
+                        " WHERE id = $1::bigint AND state = 'pending' AND EXISTS (SELECT 1"
+                        "  FROM grants WHERE grant_id = $2 AND revoke_reason IS NOT NULL)",
+                        p, 3, &res, errstr, errstr_size);
+    if (rc != QM_OK) return rc;
+    bool cancelled = qm_pg_affected(res) > 0;
+    qm_pg_result_destroy(res);
+    if (cancelled) {
+      qm_log(QM_LOG_INFO, o->request_id, NULL,
+             "grant %s: revoked before it could be applied (%s); not retried", o->grant_id, why);
+      return QM_OK;
+    }
+  }
   if (retryable && o->attempts < max) {
     int64_t backoff = qm_config_ms(cfg, "QM_PROVISIONING_BACKOFF");
     for (int i = 1; i < o->attempts && backoff < 3600000; i++) backoff *= 2;
