@@ -127,6 +127,9 @@ int64_t ff_sla_ms(const ff_t *ff, const char *item_type);
 
 /* ---- inventory (inventory.c) ---- */
 int ff_inventory_register(ff_t *ff, char *errstr, size_t errstr_size);
+/* Seeds sites, models and assets (CSV) from a JSON file, adding only what is
+ * not known yet. QM_EINVAL (exit 2) when the file is unreadable or bad. */
+int ff_inventory_seed(ff_t *ff, const char *path, char *errstr, size_t errstr_size);
 /* Validates one asset (tag, serial patterns). NULL when fine, else the reason. */
 const char *ff_asset_check_tag(const ff_t *ff, const char *tag);
 const char *ff_asset_check_serial(const ff_t *ff, const char *serial);

@@ -617,6 +617,137 @@ static void get_stock(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   qm_pg_result_destroy(res);
 }
 
+
+/* ---- seed file ------------------------------------------------------------------ */
+
+typedef struct seed_tx {
+  ff_t *ff;
+  json_t *doc;
+  import_t *im;
+  int64_t sites, models, assets;
+} seed_tx_t;
+
+static int seed_apply(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
+                      size_t errstr_size) {
+  QM_UNUSED(svc);
+  seed_tx_t *sd = ctx;
+  char *sites = json_dumps(json_object_get(sd->doc, "sites"), JSON_COMPACT);
+  char *models = json_dumps(json_object_get(sd->doc, "models"), JSON_COMPACT);
+  char *rows = json_dumps(sd->im->rows, JSON_COMPACT);
+  qm_pg_param_t p[] = {QM_PG_TEXT(sites ? sites : "[]")};
+  qm_pg_param_t m[] = {QM_PG_TEXT(models ? models : "[]")};
+  qm_pg_param_t a[] = {QM_PG_TEXT(rows)};
+  qm_pg_result_t *res = NULL;
+  /* Only what is not known yet: a restart never overwrites what IT staff
+   * changed through the API. */
+  int rc = qm_pg_exec(tx,
+                      "WITH i AS (INSERT INTO sites (site_id, name, kind, country, locations)"
+                      " SELECT s->>'site_id', coalesce(s->>'name', s->>'site_id'), s->>'kind',"
+                      "  coalesce(s->>'country', ''),"
+                      "  ARRAY(SELECT json_array_elements_text(coalesce(s->'locations', '[]')))"
+                      " FROM json_array_elements($1::json) s ON CONFLICT (site_id) DO NOTHING"
+                      " RETURNING 1) SELECT count(*) FROM i",
+                      p, 1, &res, errstr, errstr_size);
+  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->sites);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (rc == QM_OK)
+    rc = qm_pg_exec(tx,
+                    "WITH i AS (INSERT INTO models (model_id, name, item_type, cost, complex, loaner,"
+                    " attributes) SELECT m->>'model_id', coalesce(m->>'name', m->>'model_id'),"
+                    " m->>'item_type', coalesce((m->>'cost')::numeric, 0),"
+                    " coalesce((m->>'complex')::boolean, false), coalesce((m->>'loaner')::boolean, false),"
+                    " coalesce((m->'attributes')::jsonb, '{}') FROM json_array_elements($1::json) m"
+                    " ON CONFLICT (model_id) DO NOTHING RETURNING 1) SELECT count(*) FROM i",
+                    m, 1, &res, errstr, errstr_size);
+  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->models);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (rc == QM_OK)
+    rc = qm_pg_exec(tx,
+                    "WITH ins AS (INSERT INTO assets (tag, serial, model_id, site_id, status)"
+                    "  SELECT tag, serial, model_id, site_id, status FROM json_to_recordset($1::json)"
+                    "  AS r(tag text, serial text, model_id text, site_id text, status text, line int)"
+                    "  ORDER BY line ON CONFLICT DO NOTHING RETURNING asset_id, model_id, site_id, status),"
+                    " h AS (INSERT INTO asset_history (asset_id, status, actor, note)"
+                    "  SELECT asset_id, status, 'seed', 'seeded' FROM ins),"
+                    " c AS (INSERT INTO stock_changes (model_id, site_id)"
+                    "  SELECT DISTINCT model_id, site_id FROM ins)"
+                    " SELECT count(*) FROM ins",
+                    a, 1, &res, errstr, errstr_size);
+  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->assets);
+  qm_pg_result_destroy(res);
+  free(sites);
+  free(models);
+  free(rows);
+  if (rc == QM_EINVAL || rc == QM_EDUP) { /* bad data in the seed: a configuration error */
+    char why[512];
+    qm_strlcpy(why, errstr, sizeof(why));
+    rc = qm_err(errstr, errstr_size, QM_EINVAL, "QM_FULFILLMENT_INVENTORY_FILE: %s", why);
+  }
+  return rc;
+}
+
+int ff_inventory_seed(ff_t *ff, const char *path, char *errstr, size_t errstr_size) {
+  json_error_t jerr;
+  json_t *doc = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+  int rc = QM_OK;
+  char *csv = NULL;
+  import_t im = {.ff = ff, .rows = json_array(), .errors = json_array()};
+  if (!json_is_object(doc)) {
+    rc = qm_err(errstr, errstr_size, QM_EINVAL, "QM_FULFILLMENT_INVENTORY_FILE %s: %s (line %d)",
+                path, doc ? "not a JSON object" : jerr.text, jerr.line);
+    goto out;
+  }
+  const char *assets = json_string_value(json_object_get(doc, "assets_csv"));
+  if (assets && *assets) {
+    /* Relative to the seed file's directory. */
+    char full[4096];
+    const char *slash = strrchr(path, '/');
+    if (assets[0] == '/' || !slash) snprintf(full, sizeof(full), "%s", assets);
+    else snprintf(full, sizeof(full), "%.*s/%s", (int)(slash - path), path, assets);
+    FILE *f = fopen(full, "rb");
+    if (!f) {
+      rc = qm_err(errstr, errstr_size, QM_EINVAL, "QM_FULFILLMENT_INVENTORY_FILE: cannot read %s",
+                  full);
+      goto out;
+    }
+    size_t cap = 1 << 16, len = 0, n;
+    csv = qm_malloc(cap);
+    while ((n = fread(csv + len, 1, cap - len, f)) > 0) {
+      len += n;
+      if (len == cap) csv = qm_realloc(csv, cap *= 2);
+    }
+    fclose(f);
+    struct csv_parser p;
+    csv_init(&p, CSV_STRICT | CSV_APPEND_NULL | CSV_STRICT_FINI);
+    if (csv_parse(&p, csv, len, on_field, on_record, &im) != len ||
+        csv_fini(&p, on_field, on_record, &im) != 0)
+      add_error(&im, im.record + 1, "row", "malformed CSV");
+    csv_free(&p);
+    check_duplicates(&im, "tag");
+    check_duplicates(&im, "serial");
+    if (json_array_size(im.errors)) {
+      json_t *e = json_array_get(im.errors, 0);
+      rc = qm_err(errstr, errstr_size, QM_EINVAL, "%s line %d: %s %s (%zu problem(s))", full,
+                  (int)json_integer_value(json_object_get(e, "line")),
+                  json_string_value(json_object_get(e, "field")),
+                  json_string_value(json_object_get(e, "reason")), json_array_size(im.errors));
+      goto out;
+    }
+  }
+  seed_tx_t sd = {.ff = ff, .doc = doc, .im = &im};
+  rc = qm_service_tx(ff->svc, 30000, seed_apply, &sd, errstr, errstr_size);
+  if (rc == QM_OK)
+    qm_log_info("inventory seed %s: %lld site(s), %lld model(s), %lld asset(s) new", path,
+                (long long)sd.sites, (long long)sd.models, (long long)sd.assets);
+out:
+  free(csv);
+  import_free(&im);
+  json_decref(doc);
+  return rc;
+}
+
 int ff_inventory_register(ff_t *ff, char *errstr, size_t errstr_size) {
   static const char *const admin[] = {"it_admin", NULL};
   qm_http_server_t *h = qm_service_http(ff->svc);

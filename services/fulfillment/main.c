@@ -232,6 +232,10 @@ static const qm_cfg_def_t config[] = {
      "Fulfilment SLA per item type (type=duration, '*' for the rest; a breach is published).", 0,
      0, 0},
     {"QM_LOAN_MAX_PERIOD", QM_CFG_MS, "14d", "Longest loaner booking.", 60000, 31536000000, 0},
+    {"QM_FULFILLMENT_INVENTORY_FILE", QM_CFG_STR, "",
+     "JSON seed of sites, models and an assets CSV (see deploy/local/seed/inventory.json); "
+     "only what is not known yet is added, at start. Empty: none.",
+     0, 0, 0},
     {"QM_ASSET_TAG_PATTERN", QM_CFG_STR, "^[A-Z][A-Z0-9]{1,9}-[0-9]{3,10}$",
      "POSIX extended regex every asset tag must match.", 0, 0, 0},
     {"QM_ASSET_SERIAL_PATTERN", QM_CFG_STR, "^[A-Za-z0-9][A-Za-z0-9-]{3,39}$",
@@ -394,6 +398,9 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
                                    (const char *const[]){"step", NULL});
   ff->m_loans = qm_metrics_counter(reg, "qm_fulfillment_loan_overdue_total",
                                    "Overdue reminders sent for loaners not returned in time.", NULL);
+  const char *seed = qm_config_str(cfg, "QM_FULFILLMENT_INVENTORY_FILE");
+  if (*seed) rc = ff_inventory_seed(ff, seed, errstr, errstr_size);
+  if (rc != QM_OK) goto fail;
   rc = ff_inventory_register(ff, errstr, errstr_size);
   if (rc == QM_OK) rc = ff_api_register(ff, errstr, errstr_size);
   if (rc == QM_OK) rc = ff_loans_register(ff, errstr, errstr_size);

@@ -892,6 +892,43 @@ static void c_po_retry_and_crash(it_stack_t *st, it_cases_t *cs) {
   free(po);
 }
 
+static void c_inventory_seed(it_stack_t *st, it_cases_t *cs) {
+  /* The local stack's seed: added at start, only what is not known yet. */
+  it_service_setenv(st, "fulfillment",
+                    "QM_FULFILLMENT_INVENTORY_FILE=" QM_SOURCE_DIR "/deploy/local/seed/inventory.json");
+  it_service_restart(st, "fulfillment");
+  const char *q = "SELECT count(*) FROM fulfillment.asset_history WHERE actor = 'seed'";
+  long long n = it_pg_int(st, q);
+  IT_CHECK(cs, n == 55, "seeded %lld assets", n);
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.sites WHERE site_id IN"
+                             " ('ams', 'nyc', 'ber', 'par')") == 4, "sites not seeded");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.sites WHERE site_id = 'lon'"
+                             " AND name = 'London office' AND 'London' = ANY (locations)") == 1,
+           "the seed overwrote a site changed through the API");
+  it_service_restart(st, "fulfillment");
+  IT_CHECK(cs, it_pg_int(st, q) == 55, "a restart seeded again");
+  /* A bad seed stops start-up with exit status 2, naming the line. */
+  char dir[] = "/tmp/qm-it-seed-XXXXXX";
+  IT_CHECK(cs, mkdtemp(dir) != NULL, "mkdtemp");
+  it_file_write(dir, "inv.json", "{\"sites\": [], \"models\": [], \"assets_csv\": \"a.csv\"}");
+  it_file_write(dir, "a.csv", "tag,serial,model_id,site_id\nLT-000001,x,lat-7450,ams\n");
+  char *dsn = qm_asprintf("QM_PG_DSN=%s", it_stack_dsn(st));
+  char *file = qm_asprintf("QM_FULFILLMENT_INVENTORY_FILE=%s/inv.json", dir);
+  char *prefix = qm_asprintf("QM_TOPIC_PREFIX=%s", it_stack_prefix(st));
+  const char *argv[] = {QM_BINARY_DIR "/services/qm-fulfillment", NULL};
+  const char *envx[] = {dsn, file, prefix, "QM_HTTP_PORT=65011", NULL}; /* never bound: the seed fails first */
+  char *out = NULL, *err = NULL;
+  int rc = it_run(argv, envx, 60000, &out, &err);
+  IT_CHECK(cs, rc == 2 && ((err && strstr(err, "line 2: serial")) || (out && strstr(out, "line 2: serial"))),
+           "bad seed: exit %d, %s %s", rc, out ? out : "", err ? err : "");
+  free(out);
+  free(err);
+  free(dsn);
+  free(file);
+  free(prefix);
+  it_dir_remove(dir);
+}
+
 Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_recorder_t *rec = it_recorder_start();
   char *proc = qm_asprintf("QM_PROCUREMENT_URL=%s", it_recorder_url(rec));
@@ -927,6 +964,7 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "catalog_stock_in_intake", c_catalog_stock);
   it_case_run(&cs, st, "approved_event_to_timeline", c_approved_event_timeline);
   it_case_run(&cs, st, "purchase_order_retry_and_kill9", c_po_retry_and_crash);
+  it_case_run(&cs, st, "inventory_seed", c_inventory_seed);
   bool ok = it_cases_report(&cs, "fulfillment");
   it_reader_close(cx.events);
   free(cx.admin);
