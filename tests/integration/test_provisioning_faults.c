@@ -183,12 +183,28 @@ static void c_kill9(it_stack_t *st, it_cases_t *cs) {
     s[i]->revoked = true;
   }
   it_service_start(st, "provisioning");
-  for (int i = 0; i < 16; i++)
+  for (int i = 4; i < 16; i++)
     IT_CHECK(cs, wait_event(c, "granted", s[i]->request_id, T_EVENT),
              "%s not granted after kill -9 and restart", s[i]->person);
-  for (int i = 0; i < 4; i++)
-    IT_CHECK(cs, wait_event(c, "revoked", s[i]->request_id, T_EVENT),
-             "%s not revoked after kill -9 and restart", s[i]->person);
+  /* The revoked four: applied then revoked, or (not yet in a worker's hands
+   * when the revocation came) cancelled — either way revoked in the end. */
+  for (int i = 0; i < 4; i++) {
+    char *q = qm_asprintf("SELECT state FROM provisioning.grants WHERE request_id = '%s'",
+                          s[i]->request_id);
+    char *state = NULL;
+    int64_t bound = it_now_ms() + T_EVENT;
+    for (;;) {
+      free(state);
+      state = it_pg_scalar(st, q);
+      if ((state && !strcmp(state, "revoked")) || it_now_ms() > bound) break;
+      it_sleep_ms(100);
+    }
+    free(q);
+    bool ok = state && !strcmp(state, "revoked");
+    IT_CHECK(cs, ok, "%s: grant %s after kill -9 and restart, not revoked", s[i]->person,
+             state ? state : "(none)");
+    free(state);
+  }
 }
 
 /* The invariant over everything sent: applied exactly once, revoked only
@@ -199,11 +215,14 @@ static void c_exactly_once(it_stack_t *st, it_cases_t *cs) {
   it_reader_poll(c->access, 500);
   for (int i = 0; i < c->n_sent; i++) {
     sent_t *s = &c->sent[i];
-    IT_CHECK(cs, count(c, "granted", s->request_id) == 1, "%s: %d AccessGranted", s->person,
-             count(c, "granted", s->request_id));
-    IT_CHECK(cs, count(c, "revoked", s->request_id) == (s->revoked ? 1 : 0),
-             "%s: %d AccessRevoked (revoked: %d)", s->person, count(c, "revoked", s->request_id),
-             s->revoked);
+    int g = count(c, "granted", s->request_id), r = count(c, "revoked", s->request_id);
+    if (!s->revoked) {
+      IT_CHECK(cs, g == 1 && r == 0, "%s: %d AccessGranted, %d AccessRevoked (want 1, 0)",
+               s->person, g, r);
+    } else { /* granted and revoked once each, or cancelled before it was applied */
+      IT_CHECK(cs, (g == 1 && r == 1) || (g == 0 && r == 0),
+               "%s (revoked): %d AccessGranted, %d AccessRevoked", s->person, g, r);
+    }
   }
   static const char *const groups[] = {"app-jira-user", "app-zoom-user", "app-datadog-user",
                                        "app-hubspot-user", "app-confluence-user", NULL};
