@@ -65,6 +65,35 @@ bool ff_api_tx(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, ff_tx_fn fn, 
   return false;
 }
 
+void ff_api_list(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, long default_limit,
+                 long max_limit, const char *sql, const qm_pg_param_t *extra, int n_extra) {
+  qm_page_t page;
+  qm_problem_t *pb = NULL;
+  if (!qm_api_page(req, default_limit, max_limit, &page, &pb)) {
+    qm_http_resp_problem(resp, pb);
+    return;
+  }
+  qm_pg_param_t p[16] = {QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1)};
+  for (int i = 0; i < n_extra && i < 14; i++) p[2 + i] = extra[i];
+  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
+  if (!pg) return;
+  qm_pg_result_t *res = NULL;
+  char errstr[512];
+  int rc = qm_pg_exec(pg, sql, p, 2 + (n_extra < 14 ? n_extra : 14), &res, errstr, sizeof(errstr));
+  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
+  if (rc != QM_OK) {
+    qm_api_db_error(req, resp, "listing", errstr);
+    return;
+  }
+  json_t *items = json_array();
+  int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
+  for (int i = 0; i < shown; i++)
+    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
+  json_t *body = qm_api_list(items, n > page.limit ? qm_pg_get(res, shown - 1, 0) : NULL);
+  qm_pg_result_destroy(res);
+  qm_http_resp_json(resp, 200, body);
+}
+
 static bool path_seq(qm_http_req_t *req, qm_http_resp_t *resp, const char *name, int64_t *out) {
   const char *s = qm_http_req_param(req, name);
   char *end = NULL;
@@ -99,44 +128,22 @@ static int answer_task(call_t *c, qm_pg_t *tx, int status, char *errstr, size_t 
 
 static void answer_tasks(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, const char *team) {
   const char *state = qm_http_req_query(req, "state");
-  const char *step = qm_http_req_query(req, "step");
-  qm_page_t page;
-  qm_problem_t *pb = NULL;
-  qm_api_page(req, 50, 500, &page, &pb);
-  if (!state) state = "open";
-  if (strcmp(state, "open") && strcmp(state, "done") && strcmp(state, "cancelled"))
+  if (state && strcmp(state, "open") && strcmp(state, "done") && strcmp(state, "cancelled")) {
+    qm_problem_t *pb = NULL;
     qm_api_field_error(&pb, "state", "must be open, done or cancelled");
-  if (pb) {
     qm_http_resp_problem(resp, pb);
     return;
   }
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
-  qm_pg_param_t p[] = {QM_PG_TEXT(state), QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1),
-                       QM_PG_TEXT(step), QM_PG_TEXT(team),
-                       QM_PG_TEXT(qm_http_req_query(req, "site_id")),
+  qm_pg_param_t p[] = {QM_PG_TEXT(state ? state : "open"), QM_PG_TEXT(qm_http_req_query(req, "step")),
+                       QM_PG_TEXT(team), QM_PG_TEXT(qm_http_req_query(req, "site_id")),
                        QM_PG_TEXT(team ? "t" : "f")};
-  qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      TASK_LIST_SQL " WHERE t.state = $1 AND t.seq > $2::bigint"
-                      " AND ($4::text IS NULL OR t.step = $4) AND ($5::text IS NULL OR t.team = $5)"
-                      " AND ($6::text IS NULL OR t.site_id = $6)"
-                      " AND (NOT $7::boolean OR t.step IN ('queued', 'staging'))"
-                      " ORDER BY t.seq LIMIT $3::int",
-                      p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing tasks", errstr);
-    return;
-  }
-  json_t *items = json_array();
-  int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
-  for (int i = 0; i < shown; i++)
-    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
-  json_t *body = qm_api_list(items, n > page.limit ? qm_pg_get(res, shown - 1, 0) : NULL);
-  qm_pg_result_destroy(res);
-  qm_http_resp_json(resp, 200, body);
+  ff_api_list(ff, req, resp, 50, 500,
+              TASK_LIST_SQL " WHERE t.state = $3 AND t.seq > $1::bigint"
+              " AND ($4::text IS NULL OR t.step = $4) AND ($5::text IS NULL OR t.team = $5)"
+              " AND ($6::text IS NULL OR t.site_id = $6)"
+              " AND (NOT $7::boolean OR t.step IN ('queued', 'staging'))"
+              " ORDER BY t.seq LIMIT $2::int",
+              p, QM_ARRAY_LEN(p));
 }
 
 /* GET /v1/tasks?state=&step=&site_id= */
@@ -761,83 +768,35 @@ static void po_status(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 }
 
 static void list_pos(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  ff_t *ff = ctx;
-  qm_page_t page;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 50, 500, &page, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
-  qm_pg_param_t p[] = {QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1),
-                       QM_PG_TEXT(qm_http_req_query(req, "status"))};
-  qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT po.seq, json_build_object('purchase_order_id', po.po_id, 'model_id',"
-                      " po.model_id, 'site_id', po.site_id, 'quantity', po.quantity, 'status',"
-                      " po.status, 'estimated_delivery_ms', nullif(po.eta_ms, 0), 'external_ref',"
-                      " po.external_ref, 'request_id', po.request_id, 'line_no', po.line_no,"
-                      " 'received', po.received, 'send_attempts', o.attempts, 'last_error',"
-                      " o.last_error)::text FROM purchase_orders po LEFT JOIN outbound o"
-                      " ON o.kind = 'purchase_order' AND o.ref = po.po_id"
-                      " WHERE po.seq > $1::bigint AND ($3::text IS NULL OR po.status = $3)"
-                      " ORDER BY po.seq LIMIT $2::int",
-                      p, 3, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing purchase orders", errstr);
-    return;
-  }
-  json_t *items = json_array();
-  int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
-  for (int i = 0; i < shown; i++)
-    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
-  json_t *body = qm_api_list(items, n > page.limit ? qm_pg_get(res, shown - 1, 0) : NULL);
-  qm_pg_result_destroy(res);
-  qm_http_resp_json(resp, 200, body);
+  qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_query(req, "status"))};
+  ff_api_list(ctx, req, resp, 50, 500,
+              "SELECT po.seq, json_build_object('purchase_order_id', po.po_id, 'model_id',"
+              " po.model_id, 'site_id', po.site_id, 'quantity', po.quantity, 'status',"
+              " po.status, 'estimated_delivery_ms', nullif(po.eta_ms, 0), 'external_ref',"
+              " po.external_ref, 'request_id', po.request_id, 'line_no', po.line_no,"
+              " 'received', po.received, 'send_attempts', o.attempts, 'last_error',"
+              " o.last_error)::text FROM purchase_orders po LEFT JOIN outbound o"
+              " ON o.kind = 'purchase_order' AND o.ref = po.po_id"
+              " WHERE po.seq > $1::bigint AND ($3::text IS NULL OR po.status = $3)"
+              " ORDER BY po.seq LIMIT $2::int",
+              p, 1);
 }
 
 /* ---- returns ---------------------------------------------------------------------- */
 
 static void list_returns(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  ff_t *ff = ctx;
-  qm_page_t page;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 50, 500, &page, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
   const char *state = qm_http_req_query(req, "state");
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
-  qm_pg_param_t p[] = {QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1),
-                       QM_PG_TEXT(state ? state : "open"),
+  qm_pg_param_t p[] = {QM_PG_TEXT(state ? state : "open"),
                        QM_PG_TEXT(qm_http_req_query(req, "person_id"))};
-  qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT r.return_id, json_build_object('id', r.return_id, 'asset_tag', a.tag,"
-                      " 'serial', a.serial, 'model_id', a.model_id, 'site_id', a.site_id,"
-                      " 'person_id', r.person_id, 'request_id', r.request_id, 'reason', r.reason,"
-                      " 'state', r.state, 'outcome', r.outcome, 'due_date', r.due_date)::text"
-                      " FROM returns r JOIN assets a USING (asset_id)"
-                      " WHERE r.return_id > $1::bigint AND r.state = $3"
-                      " AND ($4::text IS NULL OR r.person_id = $4) ORDER BY r.return_id LIMIT $2::int",
-                      p, 4, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing returns", errstr);
-    return;
-  }
-  json_t *items = json_array();
-  int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
-  for (int i = 0; i < shown; i++)
-    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
-  json_t *body = qm_api_list(items, n > page.limit ? qm_pg_get(res, shown - 1, 0) : NULL);
-  qm_pg_result_destroy(res);
-  qm_http_resp_json(resp, 200, body);
+  ff_api_list(ctx, req, resp, 50, 500,
+              "SELECT r.return_id, json_build_object('id', r.return_id, 'asset_tag', a.tag,"
+              " 'serial', a.serial, 'model_id', a.model_id, 'site_id', a.site_id,"
+              " 'person_id', r.person_id, 'request_id', r.request_id, 'reason', r.reason,"
+              " 'state', r.state, 'outcome', r.outcome, 'due_date', r.due_date)::text"
+              " FROM returns r JOIN assets a USING (asset_id)"
+              " WHERE r.return_id > $1::bigint AND r.state = $3"
+              " AND ($4::text IS NULL OR r.person_id = $4) ORDER BY r.return_id LIMIT $2::int",
+              p, 2);
 }
 
 static int do_return_scan(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,

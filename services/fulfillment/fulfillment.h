@@ -160,6 +160,11 @@ void ff_timers_stop(ff_t *ff);
 typedef int (*ff_tx_fn)(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
                         size_t errstr_size);
 bool ff_api_tx(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, ff_tx_fn fn, void *ctx);
+/* Answers a GET list: reads `limit` (default_limit, 1..max_limit) and
+ * `after`, runs sql with $1 = after, $2 = limit + 1 and $3.. = extra (at
+ * most 14); sql's rows are (cursor, item as JSON text). */
+void ff_api_list(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, long default_limit,
+                 long max_limit, const char *sql, const qm_pg_param_t *extra, int n_extra);
 /* A required string member of a JSON body; adds a field error when absent. */
 const char *ff_json_str(json_t *body, const char *name, bool required, qm_problem_t **pb);
 

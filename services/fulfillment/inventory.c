@@ -474,58 +474,22 @@ static void put_model(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 
 /* ---- queries ------------------------------------------------------------------- */
 
-/* Runs a query whose rows are (cursor, json text) and answers a page. */
-static void answer_page(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, const char *sql,
-                        qm_pg_param_t *p, int n, long limit) {
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
-  qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg, sql, p, n, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing", errstr);
-    return;
-  }
-  json_t *items = json_array();
-  int rows = qm_pg_ntuples(res), shown = rows > limit ? (int)limit : rows;
-  for (int i = 0; i < shown; i++)
-    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
-  json_t *body = qm_api_list(items, rows > limit ? qm_pg_get(res, shown - 1, 0) : NULL);
-  qm_pg_result_destroy(res);
-  qm_http_resp_json(resp, 200, body);
-}
-
 static void list_sites(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  qm_page_t pg;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 100, 500, &pg, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
-  qm_pg_param_t p[] = {QM_PG_INT64(pg.after), QM_PG_INT64(pg.limit + 1)};
-  answer_page(ctx, req, resp,
+  ff_api_list(ctx, req, resp, 100, 500,
               "SELECT rn, j FROM (SELECT row_number() OVER (ORDER BY site_id) rn,"
               " json_build_object('site_id', site_id, 'name', name, 'kind', kind, 'country', country,"
               " 'locations', locations)::text j FROM sites) s WHERE rn > $1::bigint ORDER BY rn"
               " LIMIT $2::int",
-              p, 2, pg.limit);
+              NULL, 0);
 }
 
 static void list_models(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  qm_page_t pg;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 100, 500, &pg, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
-  qm_pg_param_t p[] = {QM_PG_INT64(pg.after), QM_PG_INT64(pg.limit + 1)};
-  answer_page(ctx, req, resp,
+  ff_api_list(ctx, req, resp, 100, 500,
               "SELECT rn, j FROM (SELECT row_number() OVER (ORDER BY model_id) rn,"
               " json_build_object('model_id', model_id, 'name', name, 'item_type', item_type,"
               " 'cost', cost, 'complex', complex, 'loaner', loaner, 'attributes', attributes)::text j"
               " FROM models) s WHERE rn > $1::bigint ORDER BY rn LIMIT $2::int",
-              p, 2, pg.limit);
+              NULL, 0);
 }
 
 #define ASSET_JSON                                                                          \
@@ -535,24 +499,16 @@ static void list_models(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 
 /* GET /v1/assets?model_id=&site_id=&status=&assigned_to= */
 static void list_assets(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  qm_page_t pg;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 100, 1000, &pg, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
-  qm_pg_param_t p[] = {QM_PG_INT64(pg.after),
-                       QM_PG_INT64(pg.limit + 1),
-                       QM_PG_TEXT(qm_http_req_query(req, "model_id")),
+  qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_query(req, "model_id")),
                        QM_PG_TEXT(qm_http_req_query(req, "site_id")),
                        QM_PG_TEXT(qm_http_req_query(req, "status")),
                        QM_PG_TEXT(qm_http_req_query(req, "assigned_to"))};
-  answer_page(ctx, req, resp,
+  ff_api_list(ctx, req, resp, 100, 1000,
               "SELECT a.asset_id, " ASSET_JSON "::text FROM assets a WHERE a.asset_id > $1::bigint"
               " AND ($3::text IS NULL OR a.model_id = $3) AND ($4::text IS NULL OR a.site_id = $4)"
               " AND ($5::text IS NULL OR a.status = $5) AND ($6::text IS NULL OR a.assigned_to = $6)"
               " ORDER BY a.asset_id LIMIT $2::int",
-              p, 6, pg.limit);
+              p, 4);
 }
 
 /* GET /v1/assets/{tag} — the asset and its status history. */
@@ -627,6 +583,17 @@ typedef struct seed_tx {
   int64_t sites, models, assets;
 } seed_tx_t;
 
+/* Runs sql (one JSON parameter, one count(*) row) and stores the count. */
+static int exec_count(qm_pg_t *tx, const char *sql, const char *json, int64_t *out, char *errstr,
+                      size_t errstr_size) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(json ? json : "[]")};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx, sql, p, 1, &res, errstr, errstr_size);
+  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, out);
+  qm_pg_result_destroy(res);
+  return rc;
+}
+
 static int seed_apply(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
                       size_t errstr_size) {
   QM_UNUSED(svc);
@@ -634,37 +601,27 @@ static int seed_apply(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
   char *sites = json_dumps(json_object_get(sd->doc, "sites"), JSON_COMPACT);
   char *models = json_dumps(json_object_get(sd->doc, "models"), JSON_COMPACT);
   char *rows = json_dumps(sd->im->rows, JSON_COMPACT);
-  qm_pg_param_t p[] = {QM_PG_TEXT(sites ? sites : "[]")};
-  qm_pg_param_t m[] = {QM_PG_TEXT(models ? models : "[]")};
-  qm_pg_param_t a[] = {QM_PG_TEXT(rows)};
-  qm_pg_result_t *res = NULL;
   /* Only what is not known yet: a restart never overwrites what IT staff
    * changed through the API. */
-  int rc = qm_pg_exec(tx,
+  int rc = exec_count(tx,
                       "WITH i AS (INSERT INTO sites (site_id, name, kind, country, locations)"
                       " SELECT s->>'site_id', coalesce(s->>'name', s->>'site_id'), s->>'kind',"
                       "  coalesce(s->>'country', ''),"
                       "  ARRAY(SELECT json_array_elements_text(coalesce(s->'locations', '[]')))"
                       " FROM json_array_elements($1::json) s ON CONFLICT (site_id) DO NOTHING"
                       " RETURNING 1) SELECT count(*) FROM i",
-                      p, 1, &res, errstr, errstr_size);
-  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->sites);
-  qm_pg_result_destroy(res);
-  res = NULL;
+                      sites, &sd->sites, errstr, errstr_size);
   if (rc == QM_OK)
-    rc = qm_pg_exec(tx,
+    rc = exec_count(tx,
                     "WITH i AS (INSERT INTO models (model_id, name, item_type, cost, complex, loaner,"
                     " attributes) SELECT m->>'model_id', coalesce(m->>'name', m->>'model_id'),"
                     " m->>'item_type', coalesce((m->>'cost')::numeric, 0),"
                     " coalesce((m->>'complex')::boolean, false), coalesce((m->>'loaner')::boolean, false),"
                     " coalesce((m->'attributes')::jsonb, '{}') FROM json_array_elements($1::json) m"
                     " ON CONFLICT (model_id) DO NOTHING RETURNING 1) SELECT count(*) FROM i",
-                    m, 1, &res, errstr, errstr_size);
-  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->models);
-  qm_pg_result_destroy(res);
-  res = NULL;
+                    models, &sd->models, errstr, errstr_size);
   if (rc == QM_OK)
-    rc = qm_pg_exec(tx,
+    rc = exec_count(tx,
                     "WITH ins AS (INSERT INTO assets (tag, serial, model_id, site_id, status)"
                     "  SELECT tag, serial, model_id, site_id, status FROM json_to_recordset($1::json)"
                     "  AS r(tag text, serial text, model_id text, site_id text, status text, line int)"
@@ -674,9 +631,7 @@ static int seed_apply(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
                     " c AS (INSERT INTO stock_changes (model_id, site_id)"
                     "  SELECT DISTINCT model_id, site_id FROM ins)"
                     " SELECT count(*) FROM ins",
-                    a, 1, &res, errstr, errstr_size);
-  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, &sd->assets);
-  qm_pg_result_destroy(res);
+                    rows, &sd->assets, errstr, errstr_size);
   free(sites);
   free(models);
   free(rows);

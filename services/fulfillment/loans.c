@@ -252,40 +252,16 @@ static void loan_return(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 
 /* GET /v1/loans?state=&person_id= */
 static void list_loans(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
-  ff_t *ff = ctx;
-  qm_page_t page;
-  qm_problem_t *pb = NULL;
-  if (!qm_api_page(req, 50, 500, &page, &pb)) {
-    qm_http_resp_problem(resp, pb);
-    return;
-  }
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
-  qm_pg_param_t p[] = {QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1),
-                       QM_PG_TEXT(qm_http_req_query(req, "state")),
+  qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_query(req, "state")),
                        QM_PG_TEXT(qm_http_req_query(req, "person_id"))};
-  qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT l.seq, json_build_object('id', l.loan_id, 'asset_tag', a.tag,"
-                      " 'model_id', a.model_id, 'person_id', l.person_id, 'starts_ms', l.starts_ms,"
-                      " 'ends_ms', l.ends_ms, 'state', l.state, 'reminded', l.reminded_at IS NOT NULL)::text"
-                      " FROM loans l JOIN assets a USING (asset_id) WHERE l.seq > $1::bigint"
-                      " AND ($3::text IS NULL OR l.state = $3) AND ($4::text IS NULL OR l.person_id = $4)"
-                      " ORDER BY l.seq LIMIT $2::int",
-                      p, 4, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing loans", errstr);
-    return;
-  }
-  json_t *items = json_array();
-  int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
-  for (int i = 0; i < shown; i++)
-    json_array_append_new(items, json_loads(qm_pg_get(res, i, 1), 0, NULL));
-  json_t *body = qm_api_list(items, n > page.limit ? qm_pg_get(res, shown - 1, 0) : NULL);
-  qm_pg_result_destroy(res);
-  qm_http_resp_json(resp, 200, body);
+  ff_api_list(ctx, req, resp, 50, 500,
+              "SELECT l.seq, json_build_object('id', l.loan_id, 'asset_tag', a.tag,"
+              " 'model_id', a.model_id, 'person_id', l.person_id, 'starts_ms', l.starts_ms,"
+              " 'ends_ms', l.ends_ms, 'state', l.state, 'reminded', l.reminded_at IS NOT NULL)::text"
+              " FROM loans l JOIN assets a USING (asset_id) WHERE l.seq > $1::bigint"
+              " AND ($3::text IS NULL OR l.state = $3) AND ($4::text IS NULL OR l.person_id = $4)"
+              " ORDER BY l.seq LIMIT $2::int",
+              p, 2);
 }
 
 int ff_loan_overdue(ff_t *ff, qm_pg_t *tx, const char *loan_id, char *errstr,

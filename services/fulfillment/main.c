@@ -272,7 +272,13 @@ static int on_decision(ff_t *ff, qm_pg_t *tx, const qm_event_in_t *ev, char *err
     if (rc == QM_EINVAL) {
       /* Unknown model or no site: nothing can be reserved until the
        * inventory knows it; dead-letter with the reason so it can be replayed. */
-      rc = QM_EPOISON;
+      char why[300];
+      qm_strlcpy(why, errstr, sizeof(why));
+      rc = qm_err(errstr, errstr_size, QM_EPOISON,
+                  "request %s line %d: %s; add it to the inventory (PUT /v1/models/{id}, "
+                  "PUT /v1/sites/{id}) and replay the dead letter, or reserve the line with "
+                  "POST /v1/reservations",
+                  ap->request_id, ap->line->line_no, why);
     }
   }
 out:

@@ -807,6 +807,16 @@ static void c_approved_event_timeline(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, it_pg_int(st, sql) == 1, "one task per line whatever the redeliveries");
   free(id);
   free(tok);
+  /* A model the inventory does not know: dead-lettered with the reason, no task. */
+  it_reader_t *dlq = it_reader_open(st, QM_TOPIC_DECISIONS ".dlq");
+  publish_approved_asset(st, "unknown-model-1", "p-0003", "phone", "no-such-model", "NL", "Amsterdam");
+  json_t *pat = json_pack("{s:s}", "ce_subject", "unknown-model-1");
+  int n = it_reader_wait(dlq, pat, 1, 30000);
+  json_decref(pat);
+  it_reader_close(dlq);
+  IT_CHECK(cs, n == 1, "unknown model not dead-lettered");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.tasks WHERE request_id = 'unknown-model-1'") == 0,
+           "a task for an unknown model");
 }
 
 static char *po_of(it_stack_t *st, const char *request_id) {
