@@ -198,6 +198,13 @@ static long long pg_count(it_stack_t *st, const char *fmt, ...) {
   return it_pg_int(st, sql);
 }
 
+/* How many timers of the request's steps are in status. */
+static long long step_timers(it_stack_t *st, const char *id, const char *status) {
+  return pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
+                      " ON s.step_id = t.owner_key WHERE s.request_id = '%s' AND t.status = '%s'",
+                  id, status);
+}
+
 /* ------------------------------------------------------------ routing cases */
 
 static void c_standard_manager(it_stack_t *st, it_cases_t *cs) {
@@ -474,9 +481,7 @@ static void c_break_glass(it_stack_t *st, it_cases_t *cs) {
            "one RequestApproved");
   const char *n[] = {"BREAK-GLASS", "p-0005", "INC-42", id, NULL};
   IT_CHECK(cs, hook_wait(cx->hooks, n, 15000), "security not notified of the break-glass");
-  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                            " AND t.status = 'pending'", id) == 0,
+  IT_CHECK(cs, step_timers(st, id, "pending") == 0,
            "break-glass leaves timers pending");
   json_decref(l);
   free(emp);
@@ -487,9 +492,7 @@ static void c_break_glass(it_stack_t *st, it_cases_t *cs) {
 static void c_cancellation(it_stack_t *st, it_cases_t *cs) {
   char *id = submit(st, "p-0049", "employee", "p-0049", "figma", "editor");
   json_decref(wait_step(cs, st, id, 1, "pending", 20000));
-  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                            " AND t.status = 'pending'", id) == 3,
+  IT_CHECK(cs, step_timers(st, id, "pending") == 3,
            "a pending step has reminder, escalation and auto-reject timers");
   char *tok = it_token("p-0049", "employee");
   char path[200];
@@ -500,9 +503,7 @@ static void c_cancellation(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, code == 200 || code == 202, "cancel on intake: %ld %s", code, r.body);
   it_resp_clear(&r);
   json_decref(wait_step(cs, st, id, 1, "cancelled", 20000));
-  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                            " AND t.status = 'cancelled'", id) == 3,
+  IT_CHECK(cs, step_timers(st, id, "cancelled") == 3,
            "cancellation closes the step's timers");
   free(tok);
   free(id);
@@ -532,9 +533,7 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   json_decref(p);
   /* Intake cancels the leaver's pending requests; approval closes the step. */
   json_decref(wait_step(cs, st, id, 1, "cancelled", 30000));
-  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                            " AND t.status = 'pending'", id) == 0,
+  IT_CHECK(cs, step_timers(st, id, "pending") == 0,
            "a leaver's step keeps timers");
   IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.people WHERE id = '%s'"
                             " AND status = 'terminated'", "p-0061") == 1,
@@ -610,9 +609,7 @@ static void c_remind_escalate_reject(it_stack_t *st, it_cases_t *cs) {
            "one RequestRejected");
   IT_CHECK(cs, count_events(cx->decisions, "qm.approval.step_pending.v1", id, 2, 5000) == 2,
            "two StepPending (opened, escalated)");
-  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                            " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                            " AND t.status = 'fired'", id) == 3,
+  IT_CHECK(cs, step_timers(st, id, "fired") == 3,
            "reminder, escalation and auto-reject each fired");
   json_decref(l);
   json_decref(s2);
@@ -650,9 +647,7 @@ static void check_batch_once(it_cases_t *cs, it_stack_t *st, char **ids, int n) 
   for (int i = 0; i < n; i++) {
     IT_CHECK(cs, count_events(cx->decisions, "qm.request.rejected.v1", ids[i], 1, 20000) == 1,
              "%s: exactly one RequestRejected", ids[i]);
-    IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.timers t JOIN approval.approval_steps s"
-                              " ON s.step_id = t.owner_key WHERE s.request_id = '%s'"
-                              " AND t.status = 'fired'", ids[i]) == 3,
+    IT_CHECK(cs, step_timers(st, ids[i], "fired") == 3,
              "%s: three timers fired", ids[i]);
     IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.notifications WHERE request_id = '%s'"
                               " AND kind = 'reminder'", ids[i]) == 1,
