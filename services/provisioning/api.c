@@ -91,7 +91,9 @@ static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
       " coalesce(to_char(g.expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), '') AS expires_at,"
       " (SELECT o.id FROM grant_ops o WHERE o.grant_id = g.grant_id ORDER BY o.id DESC LIMIT 1) AS op_id,"
       " (SELECT o.last_error FROM grant_ops o WHERE o.grant_id = g.grant_id ORDER BY o.id DESC LIMIT 1) AS last_error,"
-      " g.seq FROM grants g"
+      " g.seq,"
+      " coalesce(to_char(g.revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), '') AS revoked_at,"
+      " coalesce(g.revoke_reason, '') AS revoke_reason FROM grants g"
       " WHERE ($1::text IS NULL OR g.person_id = $1) AND ($2::text IS NULL OR g.item_id = $2)"
       " AND ($3::text IS NULL OR g.state = $3) AND ($4::bigint = 0 OR g.seq < $4)"
       " ORDER BY g.seq DESC LIMIT $5::int",
@@ -117,6 +119,9 @@ static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
                           qm_pg_get(res, i, 8), "duration_days", (json_int_t)dur);
     if (*qm_pg_get(res, i, 10)) json_object_set_new(g, "granted_at", json_string(qm_pg_get(res, i, 10)));
     if (*qm_pg_get(res, i, 11)) json_object_set_new(g, "expires_at", json_string(qm_pg_get(res, i, 11)));
+    if (*qm_pg_get(res, i, 15)) json_object_set_new(g, "revoked_at", json_string(qm_pg_get(res, i, 15)));
+    if (*qm_pg_get(res, i, 16))
+      json_object_set_new(g, "revoke_reason", json_string(qm_pg_get(res, i, 16)));
     if (!qm_pg_is_null(res, i, 13)) {
       json_object_set_new(g, "operation_id", json_string(qm_pg_get(res, i, 12)));
       json_object_set_new(g, "last_error", json_string(qm_pg_get(res, i, 13)));

@@ -56,6 +56,12 @@ static int count_events(ctx_t *c, const char *pattern) {
   return n;
 }
 
+/* True when o[key] is the string want. */
+static bool str_is(const json_t *o, const char *key, const char *want) {
+  const char *v = json_string_value(json_object_get(o, key));
+  return v && !strcmp(v, want);
+}
+
 static bool has_member(json_t *set, const char *who) { return json_object_get(set, who) != NULL; }
 
 static char *grant_of(it_stack_t *st, const char *request_id) {
@@ -217,10 +223,10 @@ static void c_admin_revoke(it_stack_t *st, it_cases_t *cs) {
   /* The grants API by person and by item. */
   char *pq = it_token("p-0212", "employee");
   it_http(st, "provisioning", "GET", "/v1/grants?person_id=p-0212", pq, NULL, NULL, &r);
+  json_t *g0 = json_array_get(json_object_get(r.json, "items"), 0);
   IT_CHECK(cs, r.status == 200 && json_array_size(json_object_get(r.json, "items")) == 1 &&
-                   !strcmp(json_string_value(json_object_get(
-                               json_array_get(json_object_get(r.json, "items"), 0), "state")),
-                           "revoked"),
+                   str_is(g0, "state", "revoked") && str_is(g0, "revoke_reason", "admin") &&
+                   json_is_string(json_object_get(g0, "revoked_at")),
            "GET /v1/grants?person_id=p-0212: %ld %s", r.status, r.body);
   it_resp_clear(&r);
   it_http(st, "provisioning", "GET", "/v1/grants?person_id=p-0213", pq, NULL, NULL, &r);
