@@ -19,6 +19,7 @@
 #include "qm/v1/decisions.pb-c.h"
 
 #include <criterion/criterion.h>
+#include <curl/curl.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <pthread.h>
@@ -247,10 +248,45 @@ typedef struct conc {
   it_stack_t *st;
   const char *token;
   int index;
+  int port; /* 0: the stack's instance; else a second instance's port */
   long status;
   char outcome[32];
   char tag[64];
 } conc_t;
+
+static size_t conc_sink(char *p, size_t sz, size_t n, void *ud) {
+  char *buf = ud;
+  size_t have = strlen(buf), add = sz * n;
+  if (have + add < 4096) {
+    memcpy(buf + have, p, add);
+    buf[have + add] = 0;
+  }
+  return sz * n;
+}
+
+/* POST to another instance's port (it_http knows the stack's only). */
+static long post_port(int port, const char *token, const char *path, const char *body,
+                      char *resp) {
+  CURL *h = curl_easy_init();
+  char url[128], auth[1200];
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d%s", port, path);
+  snprintf(auth, sizeof(auth), "Authorization: Bearer %s", token);
+  struct curl_slist *hl = curl_slist_append(NULL, auth);
+  hl = curl_slist_append(hl, "Content-Type: application/json");
+  resp[0] = 0;
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_HTTPHEADER, hl);
+  curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT, 60L);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, conc_sink);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, resp);
+  long code = 0;
+  if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+  curl_slist_free_all(hl);
+  curl_easy_cleanup(h);
+  return code;
+}
 
 static void *conc_main(void *arg) {
   conc_t *c = arg;
@@ -259,6 +295,15 @@ static void *conc_main(void *arg) {
            "{\"request_id\":\"conc-%02d\",\"line_no\":1,\"person_id\":\"p-%04d\","
            "\"model_id\":\"lat-conc\",\"location\":\"Amsterdam\",\"country\":\"NL\"}",
            c->index, 200 + c->index);
+  if (c->port) {
+    char resp[4096];
+    c->status = post_port(c->port, c->token, "/v1/reservations", body, resp);
+    json_t *j = json_loads(resp, 0, NULL);
+    snprintf(c->outcome, sizeof(c->outcome), "%s", jstr(j, "outcome"));
+    snprintf(c->tag, sizeof(c->tag), "%s", jstr(j, "asset_tag"));
+    json_decref(j);
+    return NULL;
+  }
   it_resp_t r;
   c->status = it_http(c->st, "fulfillment", "POST", "/v1/reservations", c->token, body, NULL, &r);
   snprintf(c->outcome, sizeof(c->outcome), "%s", jstr(r.json, "outcome"));
@@ -272,14 +317,20 @@ static void c_concurrency(it_stack_t *st, it_cases_t *cs) {
             "tag,serial,model_id,site_id\n"
             "LC-000001,SN-C-0001,lat-conc,hq\nLC-000002,SN-C-0002,lat-conc,hq\n"
             "LC-000003,SN-C-0003,lat-conc,hq\n", 3);
+  /* Two instances of the service share the work, as in production: odd
+   * requests go to the second one. */
+  const char *extra[] = {"QM_HTTP_THREADS=16", "QM_PG_POOL_SIZE=16", NULL};
+  it_instance_t *b = it_instance_start(st, "fulfillment", "b", extra);
   enum { N = 50 };
   conc_t c[N];
   pthread_t th[N];
   for (int i = 0; i < N; i++) {
-    c[i] = (conc_t){.st = st, .token = ctx_of(cs)->admin, .index = i};
+    c[i] = (conc_t){.st = st, .token = ctx_of(cs)->admin, .index = i,
+                    .port = i % 2 ? it_instance_port(b) : 0};
     pthread_create(&th[i], NULL, conc_main, &c[i]);
   }
   for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+  it_instance_stop(b);
   int reserved = 0, backordered = 0;
   json_t *tags = json_object();
   for (int i = 0; i < N; i++) {
