@@ -71,7 +71,7 @@ static void get_inbox(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   char errstr[512];
   int rc = qm_pg_exec(pg,
                       "SELECT " STEP_JSON ", s.seq" STEP_FROM
-                      " WHERE s.status = 'pending' AND s.seq > $3 AND ($1 = ANY(s.approver_ids)"
+                      " WHERE s.status = 'pending' AND s.seq > $3 AND (s.approver_ids @> ARRAY[$1::text]"
                       " OR EXISTS (SELECT 1 FROM away a WHERE a.delegate_id = $1"
                       " AND a.person_id = ANY(s.approver_ids) AND a.from_ms <= $2"
                       " AND (a.until_ms IS NULL OR a.until_ms > $2)))"
