@@ -117,6 +117,10 @@ static const qm_migration_t migrations[] = {
      " repaired boolean NOT NULL,"
      " found_at timestamptz NOT NULL DEFAULT now());"},
     {5, "timers: expiry, expiry notices, future-dated leavers", QM_TIMER_MIGRATION_SQL("timers")},
+    /* A joiner (a rehire) lifts an earlier leaver: approvals apply again. */
+    {6, "leavers superseded by a later joiner",
+     "ALTER TABLE leavers ADD COLUMN superseded_at timestamptz;"
+     "CREATE INDEX leavers_active ON leavers (person_id) WHERE superseded_at IS NULL;"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -188,20 +192,36 @@ static int on_approved(qm_service_t *svc, prov_t *prov, qm_pg_t *tx, const qm_ev
                        QM_PG_TEXT(connector),       QM_PG_INT64(ap->grant_duration_days),
                        QM_PG_BYTES(buf, len),       QM_PG_TEXT(ev->meta.traceparent)};
   qm_pg_result_t *res = NULL;
+  /* An approval that reaches us after its subject left (it was in flight
+   * when the leaver came) is recorded but never applied: state revoked,
+   * reason leaver, no operation. A joiner event for the person lifts this. */
   int rc = qm_pg_exec(tx,
-                      "WITH g AS (INSERT INTO grants (grant_id, request_id, line_no, person_id,"
+                      "WITH gone AS (SELECT EXISTS (SELECT 1 FROM leavers WHERE person_id = $4"
+                      "  AND started_at IS NOT NULL AND superseded_at IS NULL) AS left),"
+                      " g AS (INSERT INTO grants (grant_id, request_id, line_no, person_id,"
                       " directory_username, item_id, role_id, grp, connector, duration_days, state,"
-                      " approved, traceparent) VALUES ($1, $2, $3::int, $4, $5, $6, $7, $8, $9,"
-                      " $10::int, 'pending', $11, $12)"
-                      " ON CONFLICT (request_id, line_no) DO NOTHING RETURNING grant_id, person_id, grp)"
-                      " INSERT INTO grant_ops (grant_id, op, person_id, grp, state)"
-                      " SELECT grant_id, 'grant', person_id, grp, 'pending' FROM g",
+                      " revoke_reason, revoked_at, approved, traceparent)"
+                      " SELECT $1, $2, $3::int, $4, $5, $6, $7, $8, $9, $10::int,"
+                      " CASE WHEN gone.left THEN 'revoked' ELSE 'pending' END,"
+                      " CASE WHEN gone.left THEN 'leaver' END, CASE WHEN gone.left THEN now() END,"
+                      " $11, $12 FROM gone"
+                      " ON CONFLICT (request_id, line_no) DO NOTHING"
+                      " RETURNING grant_id, person_id, grp, state),"
+                      " op AS (INSERT INTO grant_ops (grant_id, op, person_id, grp, state)"
+                      " SELECT grant_id, 'grant', person_id, grp, 'pending' FROM g"
+                      " WHERE state = 'pending' RETURNING id)"
+                      " SELECT coalesce((SELECT state FROM g), '')",
                       p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
   free(buf);
   if (rc != QM_OK) return rc;
-  if (qm_pg_affected(res) == 0)
+  const char *state = qm_pg_get(res, 0, 0);
+  if (!*state)
     qm_log(QM_LOG_INFO, ap->request_id, NULL, "line %d already has a grant; nothing to do",
            line->line_no);
+  else if (!strcmp(state, "revoked"))
+    qm_log(QM_LOG_WARN, ap->request_id, NULL,
+           "line %d approved for %s, who has left: not granted (grant %s recorded as revoked)",
+           line->line_no, ap->subject_person_id, grant_id);
   else
     qm_log(QM_LOG_INFO, ap->request_id, NULL, "grant %s queued: %s to %s via %s", grant_id,
            ap->subject_person_id, line->group, connector);
@@ -335,6 +355,15 @@ static int on_request_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, 
   return rc;
 }
 
+/* True for "YYYY-MM-DD" with a plausible month and day (PostgreSQL still
+ * refuses 2026-02-31; such an event ends in the dead-letter topic). */
+static bool valid_date(const char *s) {
+  int y = 0, mo = 0, d = 0;
+  char tail = 0;
+  return sscanf(s, "%4d-%2d-%2d%c", &y, &mo, &d, &tail) == 3 && mo >= 1 && mo <= 12 && d >= 1 &&
+         d <= 31;
+}
+
 /* A leaver revokes every grant of the person from the effective date on; a
  * leaver dated in the future waits in the leavers table for the scheduler.
  * Duplicates (same source, id and effective date) are dropped. */
@@ -346,6 +375,22 @@ static int on_hr_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, char 
     return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.HrEvent",
                   ev->meta.type);
   int rc = QM_OK;
+  if (he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_JOINER && he->person &&
+      he->person->id[0] && valid_date(he->effective_date)) {
+    /* A rehire: earlier leavers no longer hold back new approvals. */
+    qm_pg_param_t p[] = {QM_PG_TEXT(he->person->id), QM_PG_TEXT(he->effective_date)};
+    qm_pg_result_t *res = NULL;
+    rc = qm_pg_exec(tx,
+                    "UPDATE leavers SET superseded_at = now() WHERE person_id = $1"
+                    " AND superseded_at IS NULL AND effective_date <= $2::date",
+                    p, 2, &res, errstr, errstr_size);
+    if (rc != QM_OK) goto out;
+    if (qm_pg_affected(res) > 0)
+      qm_log(QM_LOG_INFO, NULL, NULL, "joiner %s (effective %s): earlier leaver lifted",
+             he->person->id, he->effective_date);
+    qm_pg_result_destroy(res);
+    goto out;
+  }
   bool leaver = he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_LEAVER ||
                 (he->person && he->person->status == QM__V1__PERSON_STATUS__PERSON_STATUS_TERMINATED);
   if (leaver) {
@@ -355,10 +400,7 @@ static int on_hr_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, char 
     }
     qm_pg_param_t p[] = {QM_PG_TEXT(he->source), QM_PG_TEXT(he->source_event_id),
                          QM_PG_TEXT(he->effective_date), QM_PG_TEXT(he->person->id)};
-    int y = 0, mo = 0, d = 0;
-    char tail = 0;
-    if (sscanf(he->effective_date, "%4d-%2d-%2d%c", &y, &mo, &d, &tail) != 3 || mo < 1 ||
-        mo > 12 || d < 1 || d > 31) {
+    if (!valid_date(he->effective_date)) {
       rc = qm_err(errstr, errstr_size, QM_EPOISON, "leaver with a bad effective date '%s'",
                   he->effective_date);
       goto out;

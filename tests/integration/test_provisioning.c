@@ -403,7 +403,9 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   free(q);
   char today[16];
   it_date(0, today, sizeof(today));
-  it_hr_event_t ev = {.kind = "leaver", .effective_date = today,
+  char hr_id[QM_UUID_STR_LEN];
+  new_id(hr_id);
+  it_hr_event_t ev = {.kind = "leaver", .effective_date = today, .source_event_id = hr_id,
                       .person = {.id = "p-0220", .status = "terminated"}};
   it_hr_publish(st, &ev);
   want_events(cs, c, "{\"event\":\"revoked\",\"subject_person_id\":\"p-0220\",\"reason\":\"leaver\"}", 5);
@@ -468,6 +470,36 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   snprintf(gp, sizeof(gp), "{\"request_id\":\"%s\"}", rg);
   IT_CHECK(cs, count_events(c, gp) == 0,
            "the unapplied grant of a leaver was announced (granted, revoked or failed)");
+  /* An approval that was in flight when the person left: never applied. */
+  char rl[QM_UUID_STR_LEN];
+  new_id(rl);
+  it_approved_t late = {.request_id = rl, .person_id = "p-0220", .item_id = "slack",
+                        .role_id = "user", .group = "app-slack-user"};
+  it_publish_approved(st, &late);
+  char *lq = qm_asprintf("SELECT coalesce(state || '/' || revoke_reason, state)"
+                         " FROM provisioning.grants WHERE request_id = '%s'", rl);
+  char *ls = NULL;
+  int64_t lb = it_now_ms() + T_EVENT;
+  while (!(ls = it_pg_scalar(st, lq)) && it_now_ms() < lb) it_sleep_ms(100);
+  IT_CHECK(cs, ls && !strcmp(ls, "revoked/leaver"), "a leaver's late approval became %s",
+           ls ? ls : "(nothing)");
+  free(ls);
+  free(lq);
+  m = it_scim_members(st, "app-slack-user");
+  IT_CHECK(cs, !has_member(m, "p-0220"), "a leaver was added to app-slack-user");
+  json_decref(m);
+  /* Rehired: approvals apply again. */
+  it_hr_event_t back = {.kind = "joiner", .effective_date = today,
+                        .person = {.id = "p-0220", .status = "active"}};
+  it_hr_publish(st, &back);
+  char rr[QM_UUID_STR_LEN];
+  new_id(rr);
+  it_approved_t again = {.request_id = rr, .person_id = "p-0220", .item_id = "slack",
+                         .role_id = "user", .group = "app-slack-user"};
+  approve_and_wait(st, cs, &again);
+  m = it_scim_members(st, "app-slack-user");
+  IT_CHECK(cs, has_member(m, "p-0220"), "the rehired person's new grant was not applied");
+  json_decref(m);
   /* The same HR event again: dropped. */
   it_hr_publish(st, &ev);
   it_sleep_ms(1500);
