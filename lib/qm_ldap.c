@@ -156,6 +156,11 @@ static int slot_connect(qm_ldap_t *ldap, ldap_slot_t *s) {
   int demand = LDAP_OPT_X_TLS_DEMAND;
   ldap_set_option(ld, LDAP_OPT_X_TLS_REQUIRE_CERT, &demand);
   if (ldap->ca_file) ldap_set_option(ld, LDAP_OPT_X_TLS_CACERTFILE, ldap->ca_file);
+  if (ldap->ca_file || !strncmp(ldap->url, "ldaps:", 6)) {
+    /* TLS options set on a handle apply only through a context of its own. */
+    int client = 0;
+    ldap_set_option(ld, LDAP_OPT_X_TLS_NEWCTX, &client);
+  }
   struct berval cred = {0, NULL};
   if (ldap->bind_password) {
     cred.bv_val = ldap->bind_password;
