@@ -692,9 +692,7 @@ static int do_po_status(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
     }
     char *rows = json_dumps(assets, JSON_COMPACT);
     qm_pg_param_t q[] = {QM_PG_TEXT(rows), QM_PG_TEXT(model), QM_PG_TEXT(site), QM_PG_TEXT(po_id)};
-    rc = qm_pg_exec(tx, "SAVEPOINT po_assets", NULL, 0, NULL, errstr, errstr_size);
-    if (rc == QM_OK)
-      rc = qm_pg_exec(tx,
+    rc = qm_pg_exec(tx,
                       "WITH ins AS (INSERT INTO assets (tag, serial, model_id, site_id, status)"
                       "  SELECT tag, serial, $2, $3, 'in_stock' FROM json_to_recordset($1::json)"
                       "  AS r(tag text, serial text) RETURNING asset_id)"

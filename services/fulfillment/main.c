@@ -387,6 +387,9 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
     goto fail;
   }
   serial_re = true;
+  if (!strcmp(qm_config_str(cfg, "QM_CARRIER_WEBHOOK_SECRET"), "dev-carrier-webhook-secret"))
+    qm_log_warn("QM_CARRIER_WEBHOOK_SECRET is the development default: anyone can forge tracking "
+                "updates; set the secret agreed with the carrier outside a laptop");
   curl_global_init(CURL_GLOBAL_DEFAULT);
   qm_metrics_t *reg = qm_service_metrics(svc);
   ff->m_reservations = qm_metrics_counter(reg, "qm_fulfillment_reservations_total",
