@@ -21,8 +21,10 @@
  *
  * Usage: bench-fulfillment ; environment BENCH_STOCK (default 500),
  * BENCH_REQUESTS (2000), BENCH_CLIENTS (32), BENCH_EVENTS (2000),
- * BENCH_HTTP_THREADS (fulfillment's QM_HTTP_THREADS, 16). Run it from the
- * build directory after building the services.
+ * BENCH_HTTP_THREADS (fulfillment's QM_HTTP_THREADS, 16), BENCH_ASYNC_COMMIT=1
+ * (a diagnosis: fulfillment's sessions with synchronous_commit off, to see
+ * how much of the time is the commit's WAL flush). Run it from the build
+ * directory after building the services.
  */
 #include "harness.h"
 
@@ -236,6 +238,13 @@ Test(bench, fulfillment_reservations, .timeout = 1800) {
   static const char *const only[] = {"fulfillment", NULL};
   it_stack_t *st = it_stack_up_env("bench-ff", only, env);
   char *token = it_token("p-0001", "it_admin");
+  if (env_int("BENCH_ASYNC_COMMIT", 0)) {
+    char *dsn = qm_asprintf("QM_PG_DSN=%s options='-c synchronous_commit=off'", it_stack_dsn(st));
+    it_service_setenv(st, "fulfillment", dsn);
+    it_service_restart(st, "fulfillment");
+    free(dsn);
+    printf("(diagnosis: synchronous_commit off for fulfillment's sessions)\n");
+  }
   setup(st, token);
   bench_http(st, token, stock, total, clients);
   if (events > 0) bench_events(st, token, events);
