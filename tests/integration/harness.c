@@ -1442,6 +1442,7 @@ struct it_reader {
   char *topic;
   bool requests; /* decode qm.v1.RequestEvent */
   bool access;   /* decode qm.v1.AccessEvent */
+  bool decisions; /* decode qm.v1.DecisionEvent */
   qm_consumer_t *cons;
   json_t *events;
 };
@@ -1452,6 +1453,7 @@ it_reader_t *it_reader_open(it_stack_t *st, const char *base_topic) {
   rd->topic = it_topic(st, base_topic);
   rd->requests = !strcmp(base_topic, QM_TOPIC_REQUESTS);
   rd->access = !strcmp(base_topic, QM_TOPIC_ACCESS);
+  rd->decisions = !strcmp(base_topic, QM_TOPIC_DECISIONS);
   rd->events = json_array();
   char u[QM_UUID_STR_LEN];
   qm_uuid_new(u);
@@ -1511,6 +1513,69 @@ static json_t *decode_request_event(const qm_event_in_t *ev, json_t *o) {
   }
   qm__v1__request_event__free_unpacked(re, NULL);
   return o;
+}
+
+/* A list of actors as their person ids ("approval" for a service). */
+static json_t *actor_ids(Qm__V1__Actor **a, size_t n) {
+  json_t *arr = json_array();
+  for (size_t i = 0; i < n; i++)
+    json_array_append_new(arr, json_string(a[i]->person_id && a[i]->person_id[0]
+                                               ? a[i]->person_id
+                                               : (a[i]->service ? a[i]->service : "")));
+  return arr;
+}
+
+static void decode_decision_event(const qm_event_in_t *ev, json_t *o) {
+  Qm__V1__DecisionEvent *de = qm__v1__decision_event__unpack(NULL, ev->payload_len, ev->payload);
+  if (!de) {
+    json_object_set_new(o, "event", json_string("undecodable"));
+    return;
+  }
+  switch (de->event_case) {
+  case QM__V1__DECISION_EVENT__EVENT_STEP_PENDING: {
+    const Qm__V1__ApprovalStepPending *m = de->step_pending;
+    json_t *ids = json_array();
+    for (size_t i = 0; i < m->n_approver_ids; i++)
+      json_array_append_new(ids, json_string(m->approver_ids[i]));
+    merge_new(o, json_pack("{s:s, s:s, s:i, s:s, s:i, s:i, s:o, s:s, s:I}", "event",
+                           "step_pending", "request_id", m->request_id, "line_no",
+                           (int)m->line_no, "step_id", m->step_id, "stage", (int)m->stage, "kind",
+                           (int)m->kind, "approver_ids", ids, "delegated_from",
+                           m->delegated_from, "deadline_at_ms", (json_int_t)m->deadline_at_ms));
+    break;
+  }
+  case QM__V1__DECISION_EVENT__EVENT_STEP_DECIDED: {
+    const Qm__V1__ApprovalStepDecided *m = de->step_decided;
+    Qm__V1__Actor *by[] = {m->decided_by};
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:b, s:o, s:s, s:b}", "event", "step_decided",
+                           "request_id", m->request_id, "step_id", m->step_id, "approved",
+                           (int)m->approved, "decided_by", actor_ids(by, m->decided_by ? 1 : 0),
+                           "comment", m->comment, "break_glass", (int)m->break_glass));
+    break;
+  }
+  case QM__V1__DECISION_EVENT__EVENT_APPROVED: {
+    const Qm__V1__RequestApproved *m = de->approved;
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:s, s:o, s:i, s:b, s:s}", "event",
+                           "approved", "request_id", m->request_id, "subject_person_id",
+                           m->subject_person_id, "item_id", m->line ? m->line->item_id : "",
+                           "role_id", m->line ? m->line->role_id : "", "approvers",
+                           actor_ids(m->approvers, m->n_approvers), "grant_duration_days",
+                           (int)m->grant_duration_days, "break_glass", (int)m->break_glass,
+                           "break_glass_justification", m->break_glass_justification));
+    break;
+  }
+  case QM__V1__DECISION_EVENT__EVENT_REJECTED: {
+    const Qm__V1__RequestRejected *m = de->rejected;
+    Qm__V1__Actor *by[] = {m->rejected_by};
+    merge_new(o, json_pack("{s:s, s:s, s:s, s:s, s:o}", "event", "rejected", "request_id",
+                           m->request_id, "subject_person_id", m->subject_person_id, "reason",
+                           m->reason, "rejected_by", actor_ids(by, m->rejected_by ? 1 : 0)));
+    break;
+  }
+  default:
+    json_object_set_new(o, "event", json_string("not_set"));
+  }
+  qm__v1__decision_event__free_unpacked(de, NULL);
 }
 
 static void decode_access_event(const qm_event_in_t *ev, json_t *o) {
@@ -1588,6 +1653,7 @@ size_t it_reader_poll(it_reader_t *rd, int wait_ms) {
       json_object_set_new(o, "ce_subject", json_string(ev->meta_valid ? ev->meta.subject : ""));
       if (rd->requests) decode_request_event(ev, o);
       if (rd->access) decode_access_event(ev, o);
+      if (rd->decisions) decode_decision_event(ev, o);
       json_array_append_new(rd->events, o);
       qm_kmsg_destroy(msgs[i]);
       added++;

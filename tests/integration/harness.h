@@ -276,7 +276,14 @@ void it_date(int days_from_today, char *out, size_t cap);
  * for qm.requests.v1 also "event": "submitted" | "cancelled" |
  * "revocation_requested" with the message's fields: request_id,
  * subject_person_id, reason, origin, item_id, role_id, and for submitted
- * "lines": [{"item_id", "role_id", "risk"}]. */
+ * "lines": [{"item_id", "role_id", "risk"}]; for qm.decisions.v1 "event":
+ * "step_pending" (request_id, line_no, step_id, stage, kind (StepKind
+ * number), approver_ids, delegated_from, deadline_at_ms) | "step_decided"
+ * (request_id, step_id, approved, decided_by [id], comment, break_glass) |
+ * "approved" (request_id, subject_person_id, item_id, role_id, approvers
+ * [ids, "approval" for the service], grant_duration_days, break_glass,
+ * break_glass_justification) | "rejected" (request_id, subject_person_id,
+ * reason, rejected_by [id]). */
 typedef struct it_reader it_reader_t;
 
 /* Opens a reader of <prefix><base_topic>. Caller frees with it_reader_close(). */

@@ -187,6 +187,19 @@ static int count_events(it_reader_t *rd, const char *type, const char *id, int m
   return n;
 }
 
+/* The last decoded event of ce_type about request id (waits up to wait_ms for
+ * one); NULL when none. Caller json_decref()s. */
+static json_t *event_of(it_reader_t *rd, const char *type, const char *id, int wait_ms) {
+  if (count_events(rd, type, id, 1, wait_ms) < 1) return NULL;
+  json_t *found = NULL;
+  size_t i;
+  json_t *e;
+  json_array_foreach(it_reader_events(rd), i, e) {
+    if (!strcmp(jget(e, "ce_type"), type) && !strcmp(jget(e, "ce_subject"), id)) found = e;
+  }
+  return json_incref(found);
+}
+
 static long long pg_count(it_stack_t *st, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 static long long pg_count(it_stack_t *st, const char *fmt, ...) {
@@ -283,6 +296,12 @@ static void c_sensitive_app_owner_denied(it_stack_t *st, it_cases_t *cs) {
            it_json_text(l));
   IT_CHECK(cs, count_events(cx->decisions, "qm.request.rejected.v1", id, 1, 20000) == 1,
            "one RequestRejected");
+  json_t *ev = event_of(cx->decisions, "qm.request.rejected.v1", id, 1000);
+  IT_CHECK(cs, ev && !strcmp(jget(ev, "reason"), "use read instead") &&
+                   !strcmp(json_string_value(json_array_get(json_object_get(ev, "rejected_by"), 0)),
+                           "p-0011"),
+           "RequestRejected with the reason and who: %s", ev ? it_json_text(ev) : "(none)");
+  json_decref(ev);
   code = decide(st, "p-0011", jget(s, "step_id"), true, "changed my mind", &r);
   IT_CHECK(cs, code == 409, "deciding a decided step: %ld %s", code, r.body);
   it_resp_clear(&r);
@@ -303,6 +322,15 @@ static void c_elevated_security_expiry(it_stack_t *st, it_cases_t *cs) {
            "a regulated item adds security: %s", it_json_text(s2));
   approve_ok(cs, st, "p-0011", s2);
   json_decref(wait_line(cs, st, id, "approved", 20000));
+  json_t *ev = event_of(cx->decisions, "qm.request.approved.v1", id, 20000);
+  json_t *want = json_pack("[s, s]", "p-0012", "p-0011");
+  IT_CHECK(cs, ev && json_equal(json_object_get(ev, "approvers"), want) &&
+                   json_integer_value(json_object_get(ev, "grant_duration_days")) == 7 &&
+                   json_is_false(json_object_get(ev, "break_glass")),
+           "RequestApproved with both approvers in stage order and the expiry: %s",
+           ev ? it_json_text(ev) : "(none)");
+  json_decref(want);
+  json_decref(ev);
   const char *n[] = {"Approved", "expires 7 days", id, NULL};
   IT_CHECK(cs, hook_wait(cx->hooks, n, 15000), "elevated approval without its 7-day expiry");
   json_decref(s1);
@@ -479,6 +507,17 @@ static void c_break_glass(it_stack_t *st, it_cases_t *cs) {
            "flagged record: %s", it_json_text(l));
   IT_CHECK(cs, count_events(cx->decisions, "qm.request.approved.v1", id, 1, 20000) == 1,
            "one RequestApproved");
+  json_t *ev = event_of(cx->decisions, "qm.request.approved.v1", id, 1000);
+  IT_CHECK(cs, ev && json_is_true(json_object_get(ev, "break_glass")) &&
+                   strstr(jget(ev, "break_glass_justification"), "INC-42") &&
+                   !strcmp(json_string_value(json_array_get(json_object_get(ev, "approvers"), 0)),
+                           "p-0049"),
+           "RequestApproved flagged break-glass: %s", ev ? it_json_text(ev) : "(none)");
+  json_decref(ev);
+  json_t *sd = event_of(cx->decisions, "qm.approval.step_decided.v1", id, 5000);
+  IT_CHECK(cs, sd && json_is_true(json_object_get(sd, "break_glass")),
+           "StepDecided flagged break-glass: %s", sd ? it_json_text(sd) : "(none)");
+  json_decref(sd);
   const char *n[] = {"BREAK-GLASS", "p-0005", "INC-42", id, NULL};
   IT_CHECK(cs, hook_wait(cx->hooks, n, 15000), "security not notified of the break-glass");
   IT_CHECK(cs, step_timers(st, id, "pending") == 0,
@@ -609,6 +648,17 @@ static void c_remind_escalate_reject(it_stack_t *st, it_cases_t *cs) {
            "one RequestRejected");
   IT_CHECK(cs, count_events(cx->decisions, "qm.approval.step_pending.v1", id, 2, 5000) == 2,
            "two StepPending (opened, escalated)");
+  json_t *ev = event_of(cx->decisions, "qm.request.rejected.v1", id, 1000);
+  IT_CHECK(cs, ev && !strcmp(jget(ev, "reason"), "timeout") &&
+                   !strcmp(json_string_value(json_array_get(json_object_get(ev, "rejected_by"), 0)),
+                           "approval"),
+           "auto-reject by approval itself: %s", ev ? it_json_text(ev) : "(none)");
+  json_decref(ev);
+  json_t *escv = event_of(cx->decisions, "qm.approval.step_pending.v1", id, 1000);
+  IT_CHECK(cs, escv && json_array_size(json_object_get(escv, "approver_ids")) == 2 &&
+                   json_integer_value(json_object_get(escv, "deadline_at_ms")) > 0,
+           "the escalation's StepPending names both: %s", escv ? it_json_text(escv) : "(none)");
+  json_decref(escv);
   IT_CHECK(cs, step_timers(st, id, "fired") == 3,
            "reminder, escalation and auto-reject each fired");
   json_decref(l);
