@@ -178,7 +178,7 @@ static const qm_cfg_def_t config_defs[] = {
      "after it.", 100, 3600000, 0},
     {"QM_APPROVAL_TIMER_POLL", QM_CFG_MS, "100ms", "Idle poll of the timer set.", 5, 60000, 0},
     {"QM_APPROVAL_TIMER_RESYNC", QM_CFG_MS, "5m",
-     "Periodic reload of the Redis timer set from PostgreSQL (a flush is repaired at once).",
+     "How often the Redis timer set is checked against PostgreSQL and reloaded when members are missing (a flush is repaired at once).",
      1000, 86400000, 0},
 };
 
