@@ -835,8 +835,12 @@ static int do_return_scan(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errst
   char note[120];
   snprintf(note, sizeof(note), "returned by %s; %s", qm_pg_get(res, 0, 3),
            retire ? "retired" : "back in stock");
-  rc = ff_asset_set(tx, asset, retire ? "retired" : "in_stock", qm_pg_get(res, 0, 3), NULL, 0,
-                    c->actor, note, errstr, errstr_size);
+  /* Its history shows it came back, then where it went. */
+  rc = ff_asset_set(tx, asset, "returned", qm_pg_get(res, 0, 3), NULL, 0, c->actor,
+                    "return scanned", errstr, errstr_size);
+  if (rc == QM_OK)
+    rc = ff_asset_set(tx, asset, retire ? "retired" : "in_stock", qm_pg_get(res, 0, 3), NULL, 0,
+                      c->actor, note, errstr, errstr_size);
   qm_pg_param_t q[] = {QM_PG_INT64(c->seq), QM_PG_TEXT(retire ? "retire" : "stock"),
                        QM_PG_TEXT(c->actor)};
   if (rc == QM_OK)

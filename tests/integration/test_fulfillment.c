@@ -666,6 +666,13 @@ static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   j = expect_json(cs, st, "GET", "/v1/assets/MB-000001", NULL, 200);
   IT_CHECK(cs, !strcmp(jstr(j, "status"), "in_stock") && json_is_null(json_object_get(j, "assigned_to")),
            "returned asset %s", json_dumps(j, 0));
+  {
+    json_t *h = json_object_get(j, "history");
+    size_t k = json_array_size(h);
+    IT_CHECK(cs, k >= 2 && !strcmp(jstr(json_array_get(h, k - 2), "status"), "returned") &&
+                     !strcmp(jstr(json_array_get(h, k - 1), "status"), "in_stock"),
+             "history %s", json_dumps(h, 0));
+  }
   json_decref(j);
   IT_CHECK(cs, events_of(cs, "qm.fulfillment.returned.v1", "route-3", 1, 20000) >= 1, "returned event");
   IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.returns WHERE person_id = 'p-0403'") == 1,
