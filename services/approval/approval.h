@@ -75,6 +75,8 @@ int holdings_apply_access(qm_pg_t *tx, const Qm__V1__AccessEvent *ae, char *errs
                           size_t errstr_size);
 int holdings_add(qm_pg_t *tx, const char *subject, const char *item, const char *role,
                  const char *source, char *errstr, size_t errstr_size);
+/* True when approval's directory has person id as terminated. */
+bool people_is_terminated(qm_pg_t *tx, const char *id);
 /* The manager of person id, or "" (out, APPROVAL_ID_MAX bytes). */
 int people_manager_of(qm_pg_t *tx, const char *id, char *out, char *errstr, size_t errstr_size);
 
@@ -83,6 +85,10 @@ int route_submitted(approval_t *ap, qm_pg_t *tx, const char *traceparent,
                     const Qm__V1__RequestSubmitted *rs, char *errstr, size_t errstr_size);
 int route_cancelled(approval_t *ap, qm_pg_t *tx, const Qm__V1__RequestCancelled *rc_ev,
                     char *errstr, size_t errstr_size);
+/* A person left (HR leaver): their pending steps go to the remaining
+ * approvers, or along the fallback chain when they were the only one. */
+int route_approver_left(approval_t *ap, qm_pg_t *tx, const char *person_id,
+                        const char *traceparent, char *errstr, size_t errstr_size);
 /* The timer callback (qm_timer_fire_fn): reminder, escalation, auto_reject. */
 int route_fire(void *ctx, qm_pg_t *tx, const qm_timer_t *tm, char *errstr, size_t errstr_size);
 

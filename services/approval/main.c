@@ -248,6 +248,10 @@ static int handle(qm_service_t *svc, void *app, qm_pg_t *tx, const qm_event_in_t
       return qm_err(errstr, errstr_size, QM_EPOISON, "payload of %s is not a qm.v1.HrEvent",
                     ev->meta.type);
     rc = people_apply_hr(tx, he, errstr, errstr_size);
+    /* A leaver who was someone's approver: their steps move on. */
+    if (rc == QM_OK && he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_LEAVER &&
+        people_is_terminated(tx, he->person->id))
+      rc = route_approver_left(ap, tx, he->person->id, ev->meta.traceparent, errstr, errstr_size);
     qm__v1__hr_event__free_unpacked(he, NULL);
     return rc;
   }

@@ -148,3 +148,15 @@ int people_manager_of(qm_pg_t *tx, const char *id, char *out, char *errstr,
   qm_pg_result_destroy(res);
   return QM_OK;
 }
+
+bool people_is_terminated(qm_pg_t *tx, const char *id) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(id)};
+  qm_pg_result_t *res = NULL;
+  char errstr[256];
+  if (qm_pg_exec(tx, "SELECT 1 FROM people WHERE id = $1 AND status = 'terminated'", p, 1, &res,
+                 errstr, sizeof(errstr)) != QM_OK)
+    return false;
+  bool yes = qm_pg_ntuples(res) > 0;
+  qm_pg_result_destroy(res);
+  return yes;
+}

@@ -20,7 +20,9 @@
  * [the intended approver's manager, QM_APPROVAL_FALLBACK_APPROVERS...]; with
  * nobody at all the line is rejected ("no-approver") rather than left to
  * stall. Each open step gets three timers: reminder, escalation (adds the
- * fallback approver) and auto-reject.
+ * fallback approver) and auto-reject. An approver who leaves (HR leaver)
+ * is taken off their pending steps; a step left with nobody goes along the
+ * fallback chain.
  */
 #include "approval.h"
 
@@ -1134,4 +1136,66 @@ int route_fire(void *ctx, qm_pg_t *tx, const qm_timer_t *tm, char *errstr, size_
                        errstr_size);
   }
   return qm_err(errstr, errstr_size, QM_EINVAL, "unknown timer kind '%s'", tm->kind);
+}
+
+/* ---- an approver leaves --------------------------------------------------------------- */
+
+int route_approver_left(approval_t *ap, qm_pg_t *tx, const char *person_id, const char *traceparent,
+                        char *errstr, size_t errstr_size) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(person_id)};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx,
+                      "SELECT step_id FROM approval_steps WHERE status = 'pending'"
+                      " AND approver_ids @> ARRAY[$1::text] ORDER BY seq",
+                      p, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  for (int i = 0; i < qm_pg_ntuples(res) && rc == QM_OK; i++) {
+    const char *step_id = qm_pg_get(res, i, 0);
+    step_row_t s;
+    line_t ln;
+    if ((rc = step_load(tx, step_id, &s, errstr, errstr_size))) break;
+    if ((rc = line_load(tx, s.request_id, s.line_no, &ln, errstr, errstr_size))) break;
+    plist_t rest;
+    memset(&rest, 0, sizeof(rest));
+    for (size_t k = 0; k < s.approvers.n; k++)
+      if (strcmp(s.approvers.ids[k], person_id) != 0) plist_push(&rest, s.approvers.ids[k], "");
+    bool added = false;
+    if (rest.n == 0 &&
+        (rc = add_fallback(ap, tx, &ln, person_id, &rest, &added, errstr, errstr_size)))
+      break;
+    if (rest.n == 0) {
+      qm_log(QM_LOG_WARN, ln.request_id, NULL,
+             "line %d stage %d: approver %s left and nobody can take over; the step's "
+             "escalation and auto-reject timers still run (check QM_APPROVAL_FALLBACK_APPROVERS)",
+             ln.line_no, s.stage, person_id);
+      continue;
+    }
+    const char *ids[PLIST_MAX];
+    plist_vec(&rest, ids);
+    char *arr = pg_array(ids, rest.n);
+    qm_pg_param_t pu[] = {QM_PG_TEXT(step_id), QM_PG_TEXT(arr)};
+    qm_pg_result_t *dr = NULL;
+    rc = qm_pg_exec(tx,
+                    "UPDATE approval_steps SET approver_ids = $2::text[] WHERE step_id = $1"
+                    " RETURNING deadline_ms",
+                    pu, 2, &dr, errstr, errstr_size);
+    free(arr);
+    if (rc != QM_OK) break;
+    int64_t deadline = 0;
+    (void)qm_pg_get_int64(dr, 0, 0, &deadline);
+    qm_pg_result_destroy(dr);
+    rc = emit_step_pending(ap, tx, &ln, step_id, s.stage, kind_from(s.kind), &rest, deadline,
+                           traceparent, errstr, errstr_size);
+    if (rc != QM_OK) break;
+    qm_log(QM_LOG_INFO, ln.request_id, NULL, "line %d stage %d: approver %s left; now %s",
+           ln.line_no, s.stage, person_id, ids[0]);
+    if (added) {
+      char what[160];
+      snprintf(what, sizeof(what), "Reassigned to you: approver %s left", person_id);
+      const char *to[] = {ids[0]};
+      rc = notify_line(ap, tx, &ln, "reassigned", to, 1, what, errstr, errstr_size);
+    }
+  }
+  qm_pg_result_destroy(res);
+  return rc;
 }

@@ -11,7 +11,8 @@
  *   who asks → the manager's manager; away → delegate (new steps and steps
  *   already waiting); away without delegate → fallback chain; separation of
  *   duties refused; break-glass; cancellation and a leaver close steps and
- *   timers; a failing webhook never blocks a decision and is retried.
+ *   timers; a failing webhook never blocks a decision and is retried; an
+ *   approver who leaves hands their steps on.
  *
  * timers (one stack, second-long clocks, a private Redis, two approval
  * instances): separation of duties routed to security; reminder →
@@ -605,6 +606,43 @@ static void c_webhook_down(it_stack_t *st, it_cases_t *cs) {
   free(id);
 }
 
+static void c_approver_leaves(it_stack_t *st, it_cases_t *cs) {
+  ap_ctx_t *cx = cs->ctx;
+  char *id = submit(st, "p-0282", "employee", "p-0282", "figma", "editor");
+  json_t *s = wait_step(cs, st, id, 1, "pending", 20000);
+  IT_CHECK(cs, !strcmp(approver(s, 0), "p-0007"), "manager p-0007: %s", it_json_text(s));
+  json_t *p = it_seed_person("p-0007");
+  char today[16];
+  it_date(0, today, sizeof(today));
+  it_hr_event_t ev = {.kind = "leaver",
+                      .effective_date = today,
+                      .person = {.id = "p-0007",
+                                 .name = jget(p, "name"),
+                                 .email = jget(p, "email"),
+                                 .manager_id = jget(p, "manager_id"),
+                                 .department = jget(p, "department"),
+                                 .job_function = jget(p, "job_function"),
+                                 .country = jget(p, "country"),
+                                 .location = jget(p, "location"),
+                                 .employment_type = "employee",
+                                 .status = "terminated",
+                                 .end_date = today,
+                                 .directory_username = "p-0007"}};
+  it_hr_publish(st, &ev);
+  json_decref(p);
+  IT_CHECK(cs, count_events(cx->decisions, "qm.approval.step_pending.v1", id, 2, 30000) == 2,
+           "the step is announced again when its approver leaves");
+  json_t *s2 = wait_step(cs, st, id, 1, "pending", 1000);
+  IT_CHECK(cs, json_array_size(json_object_get(s2, "approver_ids")) == 1 &&
+                   !strcmp(approver(s2, 0), "p-0001"),
+           "p-0007 left: their manager p-0001 takes over: %s", it_json_text(s2));
+  approve_ok(cs, st, "p-0001", s2);
+  json_decref(wait_line(cs, st, id, "approved", 20000));
+  json_decref(s2);
+  json_decref(s);
+  free(id);
+}
+
 /* ------------------------------------------------------------ timer cases */
 
 static void c_sod_to_security(it_stack_t *st, it_cases_t *cs) {
@@ -785,6 +823,8 @@ Test(approval, routing, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "cancellation", c_cancellation);
   it_case_run(&cs, st, "leaver_closes_steps", c_leaver);
   it_case_run(&cs, st, "webhook_down_never_blocks", c_webhook_down);
+  /* Last: a head of department leaves. */
+  it_case_run(&cs, st, "approver_leaves", c_approver_leaves);
   bool all = it_cases_report(&cs, "approval routing");
   it_reader_close(cx.decisions);
   free(cx.staff);
