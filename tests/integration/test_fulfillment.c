@@ -134,12 +134,13 @@ static void next_tracking(it_cases_t *cs, char *out, size_t n) {
   it_recorder_set_response(ctx_of(cs)->rec, "/shipments", 201, body);
 }
 
-static long webhook(it_stack_t *st, const char *tracking, const char *status, const char *reason,
-                    const char *secret, it_resp_t *r) {
+/* A tracking update signed with secret, its timestamp skew_s seconds off now. */
+static long webhook_at(it_stack_t *st, const char *tracking, const char *status, const char *reason,
+                       const char *secret, long skew_s, it_resp_t *r) {
   char body[300], ts[32], sig[80], hdr_ts[64], hdr_sig[128];
   snprintf(body, sizeof(body), "{\"tracking_number\":\"%s\",\"status\":\"%s\",\"reason\":\"%s\"}",
            tracking, status, reason);
-  snprintf(ts, sizeof(ts), "%lld", (long long)time(NULL));
+  snprintf(ts, sizeof(ts), "%lld", (long long)time(NULL) + skew_s);
   char msg[400];
   snprintf(msg, sizeof(msg), "%s.%s", ts, body);
   unsigned char mac[32];
@@ -151,6 +152,11 @@ static long webhook(it_stack_t *st, const char *tracking, const char *status, co
   snprintf(hdr_sig, sizeof(hdr_sig), "X-QM-Signature: %s", sig);
   const char *hdrs[] = {hdr_ts, hdr_sig, NULL};
   return it_http(st, "fulfillment", "POST", "/v1/webhooks/carrier", NULL, body, hdrs, r);
+}
+
+static long webhook(it_stack_t *st, const char *tracking, const char *status, const char *reason,
+                    const char *secret, it_resp_t *r) {
+  return webhook_at(st, tracking, status, reason, secret, 0, r);
 }
 
 static char *po_status_of(it_stack_t *st, const char *po) {
@@ -454,6 +460,12 @@ static void c_backorder_to_delivery(it_stack_t *st, it_cases_t *cs) {
   long got = webhook(st, trk, "delivered", "", "wrong-secret", &r);
   IT_CHECK(cs, got == 401, "bad signature answered %ld", got);
   it_resp_clear(&r);
+  got = webhook_at(st, trk, "delivered", "", WEBHOOK_SECRET, -3600, &r); /* a replay, an hour old */
+  IT_CHECK(cs, got == 401, "stale signature answered %ld", got);
+  it_resp_clear(&r);
+  json_t *still = task(st, cs, id);
+  IT_CHECK(cs, !strcmp(jstr(still, "step"), "shipped"), "a refused webhook changed the task");
+  json_decref(still);
   got = webhook(st, trk, "delivered", "", WEBHOOK_SECRET, &r);
   IT_CHECK(cs, got == 200, "webhook %ld %s", got, r.body);
   it_resp_clear(&r);
