@@ -283,7 +283,15 @@ void it_date(int days_from_today, char *out, size_t cap);
  * "approved" (request_id, subject_person_id, item_id, role_id, approvers
  * [ids, "approval" for the service], grant_duration_days, break_glass,
  * break_glass_justification) | "rejected" (request_id, subject_person_id,
- * reason, rejected_by [id]). */
+ * reason, rejected_by [id]); for qm.access.v1 "event": "granted"
+ * (request_id, grant_id, subject_person_id, item_id, role_id, group,
+ * connector, granted_at_ms, expires_at_ms, extension) | "revoked" (request_id,
+ * grant_id, subject_person_id, item_id, role_id, group, connector, reason,
+ * actor_person_id) | "failed" (request_id, subject_person_id, operation,
+ * group, operation_id, error, attempts, retryable) | "expiry_notice"
+ * (request_id, grant_id, subject_person_id, expires_at_ms) | "drift" (group,
+ * connector, finding, directory_user_id, subject_person_id, grant_id,
+ * repaired). */
 typedef struct it_reader it_reader_t;
 
 /* Opens a reader of <prefix><base_topic>. Caller frees with it_reader_close(). */
