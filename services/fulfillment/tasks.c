@@ -323,8 +323,8 @@ int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, int64_t *task_seq,
   int rc = qm_pg_exec(
       tx,
       "SELECT m.item_type, m.cost::float8, m.complex, s.site_id,"
-      " CASE WHEN s.kind = 'regional' AND $2 = ANY (s.locations) THEN 'regional' ELSE 'central' END"
-      " FROM models m LEFT JOIN LATERAL (SELECT site_id, kind, locations FROM sites"
+      " CASE WHEN s.kind = 'regional' AND $2 = ANY (s.locations) THEN 'regional' ELSE 'central' END,"
+      " m.loaner FROM models m LEFT JOIN LATERAL (SELECT site_id, kind, locations FROM sites"
       "  ORDER BY ($2 = ANY (locations)) DESC, (kind = 'central' AND country = $3) DESC,"
       "  (kind = 'central') DESC, site_id LIMIT 1) s ON true WHERE m.model_id = $1",
       p, 3, &res, errstr, errstr_size);
@@ -334,6 +334,11 @@ int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, int64_t *task_seq,
     qm_pg_result_destroy(res);
     return model ? qm_err(errstr, errstr_size, QM_EINVAL, "no site is configured")
                  : qm_err(errstr, errstr_size, QM_EINVAL, "unknown model '%s'", l->model_id);
+  }
+  if (!strcmp(qm_pg_get(res, 0, 5), "t")) {
+    qm_pg_result_destroy(res);
+    return qm_err(errstr, errstr_size, QM_EINVAL,
+                  "'%s' is a loaner model: book it with POST /v1/loans", l->model_id);
   }
   char item_type[64], site[130], team[16];
   qm_strlcpy(item_type, qm_pg_get(res, 0, 0), sizeof(item_type));

@@ -325,7 +325,7 @@ static void c_concurrency(it_stack_t *st, it_cases_t *cs) {
             "LC-000003,SN-C-0003,lat-conc,hq\n", 3);
   /* Two instances of the service share the work, as in production: odd
    * requests go to the second one. */
-  const char *extra[] = {"QM_HTTP_THREADS=16", "QM_PG_POOL_SIZE=16", NULL};
+  const char *extra[] = {"QM_HTTP_THREADS=8", "QM_PG_POOL_SIZE=6", "QM_FULFILLMENT_WORKERS=1", NULL};
   it_instance_t *b = it_instance_start(st, "fulfillment", "b", extra);
   enum { N = 50 };
   conc_t c[N];
@@ -752,13 +752,19 @@ static void c_loans(it_stack_t *st, it_cases_t *cs) {
   json_t *l = expect_json(cs, st, "POST", "/v1/loans", body, 201);
   IT_CHECK(cs, !strcmp(jstr(l, "asset_tag"), "PJ-000001"), "loan %s", json_dumps(l, 0));
   json_decref(l);
+  /* Loaners are booked, never reserved for a request line. */
+  json_t *j = expect_json(cs, st, "POST", "/v1/reservations",
+                  "{\"request_id\":\"loaner-line\",\"line_no\":1,\"person_id\":\"p-0801\","
+                  "\"model_id\":\"proj-1\",\"location\":\"Amsterdam\",\"country\":\"NL\"}", 400);
+  IT_CHECK(cs, strstr(json_dumps(j, 0), "loaner"), "loaner reservation %s", json_dumps(j, 0));
+  json_decref(j);
   /* Overlapping booking of the only projector: a conflict. */
   time_t c = now + 2 * 86400, d = now + 4 * 86400;
   char s2[40], e2[40];
   strftime(s2, sizeof(s2), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&c, &tm));
   strftime(e2, sizeof(e2), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&d, &tm));
   snprintf(body, sizeof(body), "{\"model_id\":\"proj-1\",\"person_id\":\"p-0802\",\"starts_at\":\"%s\",\"ends_at\":\"%s\"}", s2, e2);
-  json_t *j = expect_json(cs, st, "POST", "/v1/loans", body, 409);
+  j = expect_json(cs, st, "POST", "/v1/loans", body, 409);
   IT_CHECK(cs, strstr(jstr(j, "type"), "booking-conflict"), "conflict %s", json_dumps(j, 0));
   json_decref(j);
   /* Longer than the maximum loan period (14 days). */
@@ -1016,8 +1022,8 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   const it_svc_env_t env[] = {{"fulfillment", proc},
                               {"fulfillment", carr},
                               {"fulfillment", "QM_CARRIER_WEBHOOK_SECRET=" WEBHOOK_SECRET},
-                              {"fulfillment", "QM_HTTP_THREADS=16"},
-                              {"fulfillment", "QM_PG_POOL_SIZE=16"},
+                              {"fulfillment", "QM_HTTP_THREADS=8"},
+                              {"fulfillment", "QM_PG_POOL_SIZE=6"},
                               {"fulfillment", "QM_FULFILLMENT_SLA=phone=3s,*=7d"},
                               {"fulfillment", "QM_FULFILLMENT_TICK=200ms"},
                               {"fulfillment", "QM_OUTBOUND_BACKOFF=200ms"},
