@@ -130,19 +130,28 @@ static bool conn_lost(int lrc) {
   return lrc == LDAP_SERVER_DOWN || lrc == LDAP_TIMEOUT || lrc == LDAP_CONNECT_ERROR;
 }
 
-static int fail(qm_ldap_t *ldap, LDAP *ld, int lrc, char *errstr, size_t errstr_size,
+static int fail(qm_ldap_t *ldap, const char *diag, int lrc, char *errstr, size_t errstr_size,
                 const char *what) {
-  char *diag = NULL;
-  if (ld) ldap_get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &diag);
   qm_err(errstr, errstr_size, classify(lrc), "LDAP %s on %s: %s (%d)%s%s", what, ldap->url,
-         ldap_err2string(lrc), lrc, diag && *diag ? ": " : "", diag ? diag : "");
-  if (diag) ldap_memfree(diag);
+         ldap_err2string(lrc), lrc, *diag ? ": " : "", diag);
   count(ldap, &ldap->stats.failures);
   return classify(lrc);
 }
 
-/* Connects and binds slot s. LDAP result code. */
-static int slot_connect(qm_ldap_t *ldap, ldap_slot_t *s) {
+/* The connection's diagnostic message (the server's, or libldap's own, e.g.
+ * why a TLS handshake failed) into out; "" when none. */
+static void diagnostic(LDAP *ld, char *out, size_t out_size) {
+  char *d = NULL;
+  out[0] = '\0';
+  if (ld && ldap_get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &d) == LDAP_OPT_SUCCESS && d) {
+    qm_strlcpy(out, d, out_size);
+    ldap_memfree(d);
+  }
+}
+
+/* Connects and binds slot s. LDAP result code; on a failed bind the handle
+ * is handed to *failed (caller unbinds it) for its diagnostic message. */
+static int slot_connect(qm_ldap_t *ldap, ldap_slot_t *s, LDAP **failed) {
   if (s->ld) return LDAP_SUCCESS;
   LDAP *ld = NULL;
   int lrc = ldap_initialize(&ld, ldap->url);
@@ -170,7 +179,7 @@ static int slot_connect(qm_ldap_t *ldap, ldap_slot_t *s) {
   lrc = ldap_sasl_bind_s(ld, ldap->bind_dn ? ldap->bind_dn : "", LDAP_SASL_SIMPLE, &cred, NULL,
                          NULL, NULL);
   if (lrc != LDAP_SUCCESS) {
-    ldap_unbind_ext_s(ld, NULL, NULL);
+    *failed = ld;
     return lrc;
   }
   count(ldap, &ldap->stats.reconnects);
@@ -200,21 +209,31 @@ static void slot_put(ldap_slot_t *s) { pthread_mutex_unlock(&s->lock); }
 
 typedef int (*ldap_op_fn)(qm_ldap_t *ldap, LDAP *ld, void *ctx); /* returns an LDAP code */
 
-static int run(qm_ldap_t *ldap, ldap_op_fn fn, void *ctx, int *lrc_out, LDAP **ld_diag,
-               ldap_slot_t **slot_out) {
+/* Runs fn on a borrowed connection (connecting and binding first), once
+ * more on a fresh connection when the first was lost. The slot stays
+ * borrowed until the caller's slot_put(); diag receives the connection's
+ * diagnostic message (kept from before a lost connection is dropped). */
+static int run(qm_ldap_t *ldap, ldap_op_fn fn, void *ctx, int *lrc_out, char *diag,
+               size_t diag_size, ldap_slot_t **slot_out) {
   ldap_slot_t *s = slot_get(ldap);
   int lrc = LDAP_SUCCESS;
+  diag[0] = '\0';
   for (int round = 0; round < 2; round++) {
-    lrc = slot_connect(ldap, s);
-    if (lrc == LDAP_SUCCESS) {
+    LDAP *fresh = NULL;
+    if (!s->ld) {
+      lrc = slot_connect(ldap, s, &fresh);
+      if (lrc != LDAP_SUCCESS) diagnostic(fresh, diag, diag_size);
+      if (fresh) ldap_unbind_ext_s(fresh, NULL, NULL);
+    }
+    if (s->ld) {
       count(ldap, &ldap->stats.operations);
       lrc = fn(ldap, s->ld, ctx);
+      diagnostic(s->ld, diag, diag_size);
     }
     if (!conn_lost(lrc)) break;
     slot_drop(s);
   }
   *lrc_out = lrc;
-  *ld_diag = s->ld;
   *slot_out = s;
   return lrc;
 }
@@ -271,14 +290,13 @@ static int find(qm_ldap_t *ldap, char kind, const char *base, const char *attr, 
   }
   ldap->stats.cache_misses++;
   pthread_mutex_unlock(&ldap->mu);
-  char dn[1024] = "";
+  char dn[1024] = "", diag[256];
   find_ctx_t fc = {base, attr, name, dn, sizeof(dn), 0, false};
   int lrc;
-  LDAP *ld;
   ldap_slot_t *s;
-  run(ldap, find_op, &fc, &lrc, &ld, &s);
+  run(ldap, find_op, &fc, &lrc, diag, sizeof(diag), &s);
   if (lrc != LDAP_SUCCESS) {
-    rc = fail(ldap, ld, lrc, errstr, errstr_size, kind == 'u' ? "user search" : "group search");
+    rc = fail(ldap, diag, lrc, errstr, errstr_size, kind == 'u' ? "user search" : "group search");
   } else if (fc.found == 0) {
     rc = qm_err(errstr, errstr_size, QM_ENOTFOUND, "LDAP: no %s with %s=%s under %s",
                 kind == 'u' ? "user" : "group", attr, name, base);
@@ -347,17 +365,12 @@ static int mod_op(qm_ldap_t *ldap, LDAP *ld, void *arg) {
 static int modify(qm_ldap_t *ldap, mod_ctx_t *mc, char *errstr, size_t errstr_size,
                   const char *what) {
   int lrc;
-  LDAP *ld;
+  char diag[256];
   ldap_slot_t *s;
-  run(ldap, mod_op, mc, &lrc, &ld, &s);
-  if (lrc != LDAP_SUCCESS) {
-    char *diag = NULL;
-    if (ld) ldap_get_option(ld, LDAP_OPT_DIAGNOSTIC_MESSAGE, &diag);
+  run(ldap, mod_op, mc, &lrc, diag, sizeof(diag), &s);
+  if (lrc != LDAP_SUCCESS)
     qm_err(errstr, errstr_size, classify(lrc), "LDAP %s of %s on %s: %s (%d)%s%s", what,
-           mc->group_dn, ldap->url, ldap_err2string(lrc), lrc, diag && *diag ? ": " : "",
-           diag ? diag : "");
-    if (diag) ldap_memfree(diag);
-  }
+           mc->group_dn, ldap->url, ldap_err2string(lrc), lrc, *diag ? ": " : "", diag);
   slot_put(s);
   return lrc;
 }
@@ -477,11 +490,11 @@ int qm_ldap_list_members(qm_ldap_t *ldap, const char *group_dn, qm_ldap_member_f
                          char *errstr, size_t errstr_size) {
   list_ctx_t lc = {group_dn, json_array()};
   int lrc;
-  LDAP *ld;
+  char diag[256];
   ldap_slot_t *s;
-  run(ldap, list_op, &lc, &lrc, &ld, &s);
+  run(ldap, list_op, &lc, &lrc, diag, sizeof(diag), &s);
   int rc = QM_OK;
-  if (lrc != LDAP_SUCCESS) rc = fail(ldap, ld, lrc, errstr, errstr_size, "member list");
+  if (lrc != LDAP_SUCCESS) rc = fail(ldap, diag, lrc, errstr, errstr_size, "member list");
   slot_put(s);
   size_t i;
   json_t *v;

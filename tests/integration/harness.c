@@ -1856,7 +1856,9 @@ struct it_slapd {
   char dir[PATH_MAX];
   char conf[PATH_MAX + 16];
   char log[PATH_MAX + 16];
+  char ca[PATH_MAX + 16]; /* the self-signed certificate (TLS only) */
   char url[64];
+  char tls_url[64];
   int port;
   pid_t pid;
 };
@@ -1872,7 +1874,17 @@ static char *ldap_tool(const char *const *argv, const char *what) {
   return out;
 }
 
+static it_slapd_t *slapd_start(const char *const *groups, int n_users, bool tls);
+
 it_slapd_t *it_slapd_start(const char *const *groups, int n_users) {
+  return slapd_start(groups, n_users, false);
+}
+
+it_slapd_t *it_slapd_start_tls(const char *const *groups, int n_users) {
+  return slapd_start(groups, n_users, true);
+}
+
+static it_slapd_t *slapd_start(const char *const *groups, int n_users, bool tls) {
   it_slapd_t *sl = qm_calloc(1, sizeof(*sl));
   snprintf(sl->dir, sizeof(sl->dir), "/tmp/qm-it-slapd-XXXXXX");
   cr_assert(mkdtemp(sl->dir) != NULL, "mkdtemp: %s", strerror(errno));
@@ -1892,6 +1904,21 @@ it_slapd_t *it_slapd_start(const char *const *groups, int n_users) {
       "rootdn \"" IT_LDAP_ADMIN "\"\nrootpw " IT_LDAP_PASSWORD "\n"
       "directory %s\nindex objectClass eq\nindex uid eq\nindex cn eq\n",
       sl->dir, sl->dir, db);
+  if (tls) {
+    /* A self-signed certificate for 127.0.0.1 that is its own CA. */
+    char key[PATH_MAX + 16];
+    snprintf(key, sizeof(key), "%s/key.pem", sl->dir);
+    snprintf(sl->ca, sizeof(sl->ca), "%s/cert.pem", sl->dir);
+    const char *req[] = {"/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                         "-keyout", key, "-out", sl->ca, "-days", "2", "-subj", "/CN=127.0.0.1",
+                         "-addext", "subjectAltName=IP:127.0.0.1", NULL};
+    free(ldap_tool(req, "making slapd's TLS certificate"));
+    char *more = qm_asprintf("%sTLSCACertificateFile %s\nTLSCertificateFile %s\n"
+                             "TLSCertificateKeyFile %s\n",
+                             conf, sl->ca, sl->ca, key);
+    free(conf);
+    conf = more;
+  }
   it_file_write(sl->dir, "slapd.conf", conf);
   free(conf);
   /* The seed: people p-0001.. and groupOfNames holding only the placeholder. */
@@ -1925,8 +1952,15 @@ it_slapd_t *it_slapd_start(const char *const *groups, int n_users) {
   free(ldap_tool(add, "seeding slapd"));
   sl->port = free_port(NULL, 0);
   snprintf(sl->url, sizeof(sl->url), "ldap://127.0.0.1:%d", sl->port);
-  char listen[96];
+  char listen[200];
   snprintf(listen, sizeof(listen), "ldap://127.0.0.1:%d/", sl->port);
+  if (tls) {
+    int avoid[] = {sl->port};
+    int tls_port = free_port(avoid, 1);
+    snprintf(sl->tls_url, sizeof(sl->tls_url), "ldaps://127.0.0.1:%d", tls_port);
+    snprintf(listen, sizeof(listen), "ldap://127.0.0.1:%d/ ldaps://127.0.0.1:%d/", sl->port,
+             tls_port);
+  }
   /* -d 0: stay in the foreground, so the harness owns (and reaps) it. */
   char *argv[] = {(char *)"/usr/sbin/slapd", (char *)"-d", (char *)"0", (char *)"-f", sl->conf,
                   (char *)"-h", listen, NULL};
@@ -1955,6 +1989,10 @@ it_slapd_t *it_slapd_start(const char *const *groups, int n_users) {
 }
 
 const char *it_slapd_url(const it_slapd_t *sl) { return sl->url; }
+
+const char *it_slapd_tls_url(const it_slapd_t *sl) { return sl->tls_url; }
+
+const char *it_slapd_ca_file(const it_slapd_t *sl) { return sl->ca; }
 
 char *it_slapd_connector_json(const it_slapd_t *sl) {
   return qm_asprintf("{\"type\": \"ldap\", \"url\": \"%s\", \"bind_dn\": \"" IT_LDAP_ADMIN "\","

@@ -467,8 +467,15 @@ typedef struct it_slapd it_slapd_t;
  * the NULL-terminated groups, holding only IT_LDAP_PLACEHOLDER. Fails the
  * test when it cannot start. Caller ends it with it_slapd_stop(). */
 it_slapd_t *it_slapd_start(const char *const *groups, int n_users);
+/* it_slapd_start(), and slapd also listens with TLS (ldaps) on a second
+ * free port, with a self-signed certificate for 127.0.0.1 made by openssl. */
+it_slapd_t *it_slapd_start_tls(const char *const *groups, int n_users);
 /* "ldap://127.0.0.1:<port>", valid until it_slapd_stop(). */
 const char *it_slapd_url(const it_slapd_t *sl);
+/* "ldaps://127.0.0.1:<port>" ("" unless started with TLS), and the PEM file
+ * of its certificate, the CA to trust. Valid until it_slapd_stop(). */
+const char *it_slapd_tls_url(const it_slapd_t *sl);
+const char *it_slapd_ca_file(const it_slapd_t *sl);
 /* A connector definition for QM_CONNECTORS_FILE pointing at this slapd (a
  * JSON object text). Caller frees with free(). */
 char *it_slapd_connector_json(const it_slapd_t *sl);

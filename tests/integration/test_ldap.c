@@ -161,3 +161,39 @@ Test(ldap, connector_semantics, .timeout = 300) {
                "server down should be transient: %s", e);
   qm_ldap_destroy(l);
 }
+
+/* ldaps: the certificate is verified — trusted through ca_file, refused
+ * without it (the system store does not know a self-signed one). */
+Test(ldap, tls_verified, .timeout = 120) {
+  static const char *const groups[] = {"tls", NULL};
+  it_slapd_t *sl = it_slapd_start_tls(groups, 5);
+  char e[512], dn[256], gdn[256];
+  qm_ldap_config_t lc = {
+      .url = it_slapd_tls_url(sl),
+      .bind_dn = IT_LDAP_ADMIN,
+      .bind_password = IT_LDAP_PASSWORD,
+      .user_base = "ou=people," IT_LDAP_BASE,
+      .group_base = "ou=groups," IT_LDAP_BASE,
+      .placeholder_dn = IT_LDAP_PLACEHOLDER,
+      .ca_file = it_slapd_ca_file(sl),
+      .timeout_ms = 3000,
+  };
+  qm_ldap_t *trusted = qm_ldap_new(&lc, e, sizeof(e));
+  cr_assert(trusted, "%s", e);
+  cr_assert_eq(qm_ldap_find_user(trusted, "p-0002", dn, sizeof(dn), e, sizeof(e)), QM_OK,
+               "over ldaps with the CA: %s", e);
+  cr_assert_eq(qm_ldap_find_group(trusted, "tls", gdn, sizeof(gdn), e, sizeof(e)), QM_OK, "%s", e);
+  cr_assert_eq(qm_ldap_add_member(trusted, gdn, dn, e, sizeof(e)), QM_OK, "%s", e);
+  json_t *m = it_slapd_members(sl, "tls");
+  cr_assert(json_object_get(m, "p-0002"), "the member added over ldaps is not there");
+  json_decref(m);
+  qm_ldap_destroy(trusted);
+  lc.ca_file = NULL;
+  qm_ldap_t *untrusted = qm_ldap_new(&lc, e, sizeof(e));
+  cr_assert(untrusted, "%s", e);
+  int rc = qm_ldap_find_user(untrusted, "p-0002", dn, sizeof(dn), e, sizeof(e));
+  cr_assert_neq(rc, QM_OK, "a certificate nobody vouches for was accepted");
+  fprintf(stderr, "[it ldap] untrusted certificate refused: %s (%s)\n", qm_strerror(rc), e);
+  qm_ldap_destroy(untrusted);
+  it_slapd_stop(sl);
+}
