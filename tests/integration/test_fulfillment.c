@@ -189,6 +189,7 @@ static void c_setup(it_stack_t *st, it_cases_t *cs) {
       {"lat-7450", "{\"name\":\"Latitude 7450\",\"item_type\":\"laptop\",\"cost\":1499,"
                    "\"attributes\":{\"ram\":\"16GB\"}}"},
       {"lat-conc", "{\"name\":\"Contended laptop\",\"item_type\":\"laptop\",\"cost\":1200}"},
+      {"lat-ev", "{\"name\":\"Contended laptop, event path\",\"item_type\":\"laptop\",\"cost\":1200}"},
       {"mbp-16-m3", "{\"name\":\"MacBook Pro 16\",\"item_type\":\"laptop\",\"cost\":3199}"},
       {"iphone-15", "{\"name\":\"iPhone 15\",\"item_type\":\"phone\",\"cost\":799}"},
       {"pixel-9", "{\"name\":\"Pixel 9\",\"item_type\":\"phone\",\"cost\":699}"},
@@ -815,13 +816,13 @@ static void c_catalog_stock(it_stack_t *st, it_cases_t *cs) {
 
 /* Publishes an approved asset line as approval does (RequestApproved on
  * qm.decisions.v1), standing in for approval. */
-static void publish_approved_asset(it_stack_t *st, const char *request_id, const char *person,
-                                   const char *item, const char *model, const char *country,
-                                   const char *location) {
+static void publish_approved_line(it_stack_t *st, const char *request_id, const char *person,
+                                  const char *item, const char *model, const char *country,
+                                  const char *location, Qm__V1__ItemKind kind) {
   Qm__V1__RequestLine line = QM__V1__REQUEST_LINE__INIT;
   line.line_no = 1;
   line.item_id = (char *)item;
-  line.kind = QM__V1__ITEM_KIND__ITEM_KIND_ASSET;
+  line.kind = kind;
   line.asset_model = (char *)model;
   Qm__V1__RequestApproved ap = QM__V1__REQUEST_APPROVED__INIT;
   ap.request_id = (char *)request_id;
@@ -839,6 +840,90 @@ static void publish_approved_asset(it_stack_t *st, const char *request_id, const
   it_publish(st, QM_TOPIC_DECISIONS, person, "/qm/approval", "qm.request.approved.v1", request_id,
              buf, len);
   free(buf);
+}
+
+static void publish_approved_asset(it_stack_t *st, const char *request_id, const char *person,
+                                   const char *item, const char *model, const char *country,
+                                   const char *location) {
+  publish_approved_line(st, request_id, person, item, model, country, location,
+                        QM__V1__ITEM_KIND__ITEM_KIND_ASSET);
+}
+
+static size_t grow_sink(char *p, size_t sz, size_t n, void *ud) {
+  char **buf = ud;
+  size_t have = *buf ? strlen(*buf) : 0, add = sz * n;
+  char *nb = realloc(*buf, have + add + 1);
+  if (!nb) return 0;
+  memcpy(nb + have, p, add);
+  nb[have + add] = '\0';
+  *buf = nb;
+  return add;
+}
+
+/* The events an instance on port has consumed (qm_consumer_events_total,
+ * every topic and outcome). */
+static double consumed_at_port(int port) {
+  CURL *h = curl_easy_init();
+  char url[96], *body = NULL;
+  snprintf(url, sizeof(url), "http://127.0.0.1:%d/metrics", port);
+  curl_easy_setopt(h, CURLOPT_URL, url);
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_TIMEOUT, 10L);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, grow_sink);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+  double v = -1;
+  if (curl_easy_perform(h) == CURLE_OK && body) v = it_metric(body, "qm_consumer_events_total", NULL, NULL);
+  curl_easy_cleanup(h);
+  free(body);
+  return v;
+}
+
+/* Fifty approved laptop lines for three laptops through the event path:
+ * two instances in one consumer group, each with its share of the
+ * partitions, reserve at the same time. */
+static void c_concurrency_events(it_stack_t *st, it_cases_t *cs) {
+  import_ok(st, cs,
+            "tag,serial,model_id,site_id\n"
+            "LE-000001,SN-E-0001,lat-ev,hq\nLE-000002,SN-E-0002,lat-ev,hq\n"
+            "LE-000003,SN-E-0003,lat-ev,hq\n", 3);
+  const char *extra[] = {"QM_PG_POOL_SIZE=4", "QM_FULFILLMENT_WORKERS=1", NULL};
+  it_instance_t *b = it_instance_start(st, "fulfillment", "events", extra);
+  /* Until the group has rebalanced, b consumes nothing: access lines (which
+   * fulfilment ignores), keyed to many people, until b has seen some. */
+  int64_t until = it_now_ms() + 45000;
+  for (int i = 0; consumed_at_port(it_instance_port(b)) <= 0; i++) {
+    IT_CHECK(cs, it_now_ms() < until, "the second instance was never given a partition");
+    char rid[32], person[16];
+    snprintf(rid, sizeof(rid), "ev-warm-%d", i);
+    snprintf(person, sizeof(person), "p-%04d", 400 + i % 40);
+    publish_approved_line(st, rid, person, "figma", "", "NL", "Amsterdam",
+                          QM__V1__ITEM_KIND__ITEM_KIND_ACCESS);
+    it_sleep_ms(200);
+  }
+  double b0 = consumed_at_port(it_instance_port(b));
+  enum { N = 50 };
+  for (int i = 0; i < N; i++) {
+    char rid[32], person[16];
+    snprintf(rid, sizeof(rid), "ev-conc-%02d", i);
+    snprintf(person, sizeof(person), "p-%04d", 300 + i);
+    publish_approved_asset(st, rid, person, "laptop", "lat-ev", "NL", "Amsterdam");
+  }
+  until = it_now_ms() + 60000;
+  long long tasks = 0;
+  while ((tasks = it_pg_int(st, "SELECT count(*) FROM fulfillment.tasks WHERE request_id LIKE"
+                                " 'ev-conc-%'")) < N && it_now_ms() < until)
+    it_sleep_ms(200);
+  double b1 = consumed_at_port(it_instance_port(b));
+  it_instance_stop(b);
+  IT_CHECK(cs, tasks == N, "%lld tasks for %d approved lines", tasks, N);
+  IT_CHECK(cs, b1 > b0, "the second instance took none of the fifty lines");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.assets WHERE model_id = 'lat-ev'"
+                             " AND status = 'reserved'") == 3, "3 lat-ev assets reserved");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(DISTINCT asset_id) FROM fulfillment.tasks"
+                             " WHERE request_id LIKE 'ev-conc-%' AND asset_id IS NOT NULL") == 3,
+           "3 distinct assets on the fifty tasks");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.purchase_orders"
+                             " WHERE model_id = 'lat-ev'") == N - 3, "47 purchase orders");
 }
 
 static bool timeline_has(const json_t *req, const char *type) {
@@ -1039,6 +1124,7 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "setup", c_setup);
   it_case_run(&cs, st, "csv_import_bad_rows", c_csv_bad_rows);
   it_case_run(&cs, st, "reservation_concurrency_50_for_3", c_concurrency);
+  it_case_run(&cs, st, "reservation_concurrency_events_50_for_3", c_concurrency_events);
   it_case_run(&cs, st, "backorder_to_delivery", c_backorder_to_delivery);
   it_case_run(&cs, st, "staging_routing", c_staging_routing);
   it_case_run(&cs, st, "scan_match_and_mismatch", c_scan);
