@@ -275,6 +275,22 @@ static int find_op(qm_ldap_t *ldap, LDAP *ld, void *arg) {
   return lrc;
 }
 
+/* The DN cache holds at most about QM_LDAP_CACHE_SWEEP_AT entries: past
+ * that, expired entries are dropped, and when none had expired the whole
+ * cache is (a directory of many people looked up once each would otherwise
+ * grow it for ever). ldap->mu held. */
+#define QM_LDAP_CACHE_SWEEP_AT 50000
+static void cache_sweep(qm_ldap_t *ldap) {
+  int64_t now = qm_mono_ms();
+  const char *k;
+  json_t *v, *tmp;
+  size_t before = json_object_size(ldap->cache);
+  json_object_foreach_safe(ldap->cache, tmp, k, v) {
+    if (json_integer_value(json_array_get(v, 1)) <= now) json_object_del(ldap->cache, k);
+  }
+  if (json_object_size(ldap->cache) == before) json_object_clear(ldap->cache);
+}
+
 static int find(qm_ldap_t *ldap, char kind, const char *base, const char *attr, const char *name,
                 char *dn_out, size_t dn_size, char *errstr, size_t errstr_size) {
   char *key = qm_asprintf("%c:%s", kind, name);
@@ -309,6 +325,7 @@ static int find(qm_ldap_t *ldap, char kind, const char *base, const char *attr, 
     qm_strlcpy(dn_out, dn, dn_size);
     if (ldap->cache_ttl_ms > 0) {
       pthread_mutex_lock(&ldap->mu);
+      if (json_object_size(ldap->cache) >= QM_LDAP_CACHE_SWEEP_AT) cache_sweep(ldap);
       json_object_set_new(ldap->cache, key,
                           json_pack("[s, I]", dn, (json_int_t)(qm_mono_ms() + ldap->cache_ttl_ms)));
       pthread_mutex_unlock(&ldap->mu);
