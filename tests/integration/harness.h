@@ -54,6 +54,9 @@
 
 /* The development HS256 secret the services use when QM_AUTH_HS256_SECRET is unset. */
 #define IT_DEV_SECRET "quartermaster-local-development-secret-do-not-use-in-production"
+/* The carrier webhook secret every stack's qm-fulfillment gets (it refuses
+ * to start without one); a test may override QM_CARRIER_WEBHOOK_SECRET. */
+#define IT_CARRIER_WEBHOOK_SECRET "it-stack-carrier-webhook-secret-0123456789"
 #define IT_SCIM_TOKEN "dev-scim-token"
 #define IT_BROKERS "127.0.0.1:9092"
 
@@ -391,7 +394,8 @@ bool it_recorder_wait(it_recorder_t *r, const char *path_prefix, size_t n, int t
  * path_prefix (NULL: all), or NULL when there are fewer. Caller frees. */
 char *it_recorder_body(it_recorder_t *r, const char *path_prefix, size_t i);
 /* Every request matching path_prefix (NULL: all) in arrival order, as an
- * array of {"method","path","headers":{lower-cased name: value},"body"}.
+ * array of {"method","path","headers":{lower-cased name: value},"body",
+ * "status","delay_ms"} (status and delay: how it is answered).
  * Caller frees with json_decref(). */
 json_t *it_recorder_requests(it_recorder_t *r, const char *path_prefix);
 /* Forgets what was recorded (responses stay configured). */

@@ -117,10 +117,6 @@ static enum MHD_Result it_rec_handler(void *cls, struct MHD_Connection *conn, co
   char *body = NULL;
   int delay;
   pthread_mutex_lock(&r->mu);
-  json_array_append_new(r->requests,
-                        json_pack("{s:s, s:s, s:o, s:s}", "method", method, "path", path,
-                                  "headers", headers, "body", c->body ? c->body : ""));
-  pthread_cond_broadcast(&r->cv);
   status = r->default_status;
   size_t best = 0;
   for (size_t i = 0; i < r->n_responses; i++) {
@@ -133,10 +129,17 @@ static enum MHD_Result it_rec_handler(void *cls, struct MHD_Connection *conn, co
     }
   }
   delay = r->delay_ms;
+  if (c->too_big) status = 413;
+  /* Recorded with how it is answered, so a test can tell a request answered
+   * at once from one left hanging. */
+  json_array_append_new(r->requests,
+                        json_pack("{s:s, s:s, s:o, s:s, s:i, s:i}", "method", method, "path", path,
+                                  "headers", headers, "body", c->body ? c->body : "", "status",
+                                  status, "delay_ms", delay));
+  pthread_cond_broadcast(&r->cv);
   pthread_mutex_unlock(&r->mu);
 
   for (int waited = 0; waited < delay && !r->stopping; waited += 10) it_sleep_ms(10);
-  if (c->too_big) status = 413;
 
   if (body == NULL) body = strdup("{}");
   struct MHD_Response *resp =
