@@ -970,6 +970,7 @@ static void service_env(const it_stack_t *st, const it_svc_t *s, it_env_t *env) 
   env_set(env, "QM_INTAKE_PEOPLE_FILE", QM_SOURCE_DIR "/deploy/local/seed/people.json");
   env_set(env, "QM_APPROVAL_PEOPLE_FILE", QM_SOURCE_DIR "/deploy/local/seed/people.json");
   env_set(env, "QM_PROVISIONING_BACKOFF", "200ms");
+  env_set(env, "QM_CARRIER_WEBHOOK_SECRET", IT_CARRIER_WEBHOOK_SECRET);
   env_set(env, "QM_SHUTDOWN_TIMEOUT", "10s");
   /* The machine's PostgreSQL allows 100 connections, shared with whatever
    * else runs here (a developer's own stack takes ~60): keep pools small. */
