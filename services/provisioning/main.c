@@ -121,6 +121,24 @@ static const qm_migration_t migrations[] = {
     {6, "leavers superseded by a later joiner",
      "ALTER TABLE leavers ADD COLUMN superseded_at timestamptz;"
      "CREATE INDEX leavers_active ON leavers (person_id) WHERE superseded_at IS NULL;"},
+    /* Expiry notices waiting for the webhook, sent outside any transaction
+     * (notices.c) so that a down receiver never holds a grant row locked. */
+    {7, "expiry notices for the webhook sender",
+     "CREATE TABLE expiry_notices ("
+     " id bigserial PRIMARY KEY,"
+     " grant_id text NOT NULL,"
+     " expires_at_ms bigint NOT NULL,"
+     " idempotency_key text NOT NULL UNIQUE,"
+     " body text NOT NULL,"
+     " state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending','sent','failed')),"
+     " attempts int NOT NULL DEFAULT 0,"
+     " next_attempt_at timestamptz NOT NULL DEFAULT now(),"
+     " lease_until timestamptz,"
+     " last_error text,"
+     " created_at timestamptz NOT NULL DEFAULT now(),"
+     " sent_at timestamptz);"
+     "CREATE INDEX expiry_notices_due ON expiry_notices (next_attempt_at, id)"
+     " WHERE state = 'pending';"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -149,7 +167,7 @@ static const qm_cfg_def_t config[] = {
      "Length of one day of a grant's duration (shorten it only for tests and demos).", 100,
      864000000, 0},
     {"QM_PROVISIONING_TICK", QM_CFG_MS, "1s",
-     "Idle poll of the timer worker (expiries, expiry notices, future-dated leavers); a failed notice webhook is retried after 5 ticks.", 10, 3600000, 0},
+     "Idle poll of the timer worker (expiries, expiry notices, future-dated leavers) and of the expiry notice sender.", 10, 3600000, 0},
     {"QM_EXPIRY_NOTICE_BEFORE", QM_CFG_MS, "3d",
      "How long before expiry the holder is notified (ExpiryNotice and the webhook).", 0,
      8640000000, 0},
@@ -157,6 +175,11 @@ static const qm_cfg_def_t config[] = {
      "URL that receives a JSON POST per expiry notice (empty: event only).", 0, 0, 0},
     {"QM_EXPIRY_WEBHOOK_TIMEOUT", QM_CFG_MS, "5s", "Bound on one expiry webhook call.", 100,
      60000, 0},
+    {"QM_EXPIRY_WEBHOOK_BACKOFF", QM_CFG_MS, "5s",
+     "First wait before re-sending a failed expiry notice (doubles each time, at most 10 min).",
+     10, 3600000, 0},
+    {"QM_EXPIRY_WEBHOOK_ATTEMPTS", QM_CFG_INT, "30",
+     "Attempts at an expiry notice before it is parked as failed.", 1, 1000, 0},
     {"QM_DRIFT_INTERVAL", QM_CFG_MS, "15m",
      "How often every managed group is reconciled with the grants (0: never).", 0, 86400000, 0},
     {"QM_DRIFT_REPAIR", QM_CFG_BOOL, "false",
@@ -478,7 +501,7 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
                                      "Drift findings by kind and whether they were repaired.",
                                      (const char *const[]){"finding", "repaired", NULL});
   prov->m_notices = qm_metrics_counter(reg, "qm_provisioning_expiry_notices_total",
-                                       "Expiry notices by webhook outcome (sent, failed, none).",
+                                       "Expiry notices by webhook outcome (sent; failed: an attempt, retried; parked; none: no webhook).",
                                        (const char *const[]){"outcome", NULL});
   rc = prov_api_register(prov, errstr, errstr_size);
   if (rc == QM_OK) rc = prov_workers_start(prov, errstr, errstr_size);

@@ -46,6 +46,8 @@ typedef struct prov {
   struct qm_timers *timers;   /* expiry, notices, future leavers */
   pthread_t scheduler;
   bool scheduler_running;
+  pthread_t notifier;         /* expiry notice sender (notices.c) */
+  bool notifier_running;
   atomic_bool stopping;
   qm_metric_family_t *m_ops;      /* qm_provisioning_operations_total{op,outcome} */
   qm_metric_family_t *m_leaver;   /* qm_provisioning_leaver_seconds */
@@ -103,6 +105,15 @@ int prov_timers_arm(prov_t *prov, qm_pg_t *tx, const char *grant_id, int64_t exp
 /* One drift reconciliation pass over every managed group now (also run
  * periodically). Returns how many findings were published, or < 0. */
 int prov_drift_run(prov_t *prov, qm_pg_t *pg, char *errstr, size_t errstr_size);
+
+/* notices.c: expiry notices to QM_EXPIRY_WEBHOOK_URL. prov_notice_add()
+ * records one in tx (a repeat of the same grant and expiry is ignored); the
+ * sender thread (started when a URL is configured) delivers it outside any
+ * transaction, with a lease, retries and the same Idempotency-Key. */
+int prov_notice_add(qm_pg_t *tx, const char *grant_id, int64_t expires_ms, const char *body,
+                    char *errstr, size_t errstr_size);
+int prov_notices_start(prov_t *prov, char *errstr, size_t errstr_size);
+void prov_notices_stop(prov_t *prov);
 
 /* api.c */
 int prov_api_register(prov_t *prov, char *errstr, size_t errstr_size);

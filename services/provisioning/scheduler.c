@@ -24,7 +24,6 @@
 
 #include "qm/v1/access.pb-c.h"
 
-#include <curl/curl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,52 +66,20 @@ static int fire_expire(prov_t *prov, qm_pg_t *tx, const qm_timer_t *t, char *err
   return rc;
 }
 
-static size_t discard(char *p, size_t s, size_t n, void *u) {
-  QM_UNUSED(p);
-  QM_UNUSED(u);
-  return s * n;
-}
-
-/* POSTs the notice to the webhook. QM_OK on 2xx, QM_ETRANSIENT otherwise. */
-static int webhook_post(prov_t *prov, const char *url, const char *body, const char *idem,
-                        char *errstr, size_t errstr_size) {
-  CURL *curl = curl_easy_init();
-  if (!curl) return qm_err(errstr, errstr_size, QM_ETRANSIENT, "curl_easy_init failed");
-  struct curl_slist *h = NULL;
-  h = curl_slist_append(h, "Content-Type: application/json");
-  char idh[256];
-  snprintf(idh, sizeof(idh), "Idempotency-Key: %s", idem);
-  h = curl_slist_append(h, idh);
-  curl_easy_setopt(curl, CURLOPT_URL, url);
-  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, h);
-  curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
-  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, (long)prov->webhook_timeout_ms);
-  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
-  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard);
-  CURLcode cc = curl_easy_perform(curl);
-  long status = 0;
-  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
-  curl_slist_free_all(h);
-  curl_easy_cleanup(curl);
-  if (cc != CURLE_OK)
-    return qm_err(errstr, errstr_size, QM_ETRANSIENT, "expiry webhook %s: %s", url,
-                  curl_easy_strerror(cc));
-  if (status < 200 || status > 299)
-    return qm_err(errstr, errstr_size, QM_ETRANSIENT, "expiry webhook %s answered %ld", url,
-                  status);
-  return QM_OK;
-}
-
+/* Records the notice: the grant marked noticed (a short row lock, gone when
+ * the timer's transaction commits), a row of expiry_notices for the sender
+ * (notices.c) when a webhook is configured, and ExpiryNotice via the outbox.
+ * Nothing here waits on the receiver. */
 static int fire_notice(prov_t *prov, qm_pg_t *tx, const qm_timer_t *t, char *errstr,
                        size_t errstr_size) {
   qm_pg_param_t p[] = {QM_PG_TEXT(t->owner_key)};
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(tx,
-                      "SELECT request_id, person_id, item_id, role_id, grp,"
-                      " (extract(epoch FROM expires_at) * 1000)::bigint FROM grants"
+                      "UPDATE grants SET notice_sent_at = now()"
                       " WHERE grant_id = $1 AND state = 'active' AND revoke_reason IS NULL"
-                      " AND expires_at IS NOT NULL AND notice_sent_at IS NULL FOR UPDATE",
+                      " AND expires_at IS NOT NULL AND notice_sent_at IS NULL"
+                      " RETURNING request_id, person_id, item_id, role_id, grp,"
+                      " (extract(epoch FROM expires_at) * 1000)::bigint",
                       p, 1, &res, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   if (qm_pg_ntuples(res) != 1) { /* revoked, extended (re-armed) or noticed already */
@@ -127,8 +94,8 @@ static int fire_notice(prov_t *prov, qm_pg_t *tx, const qm_timer_t *t, char *err
   en.role_id = (char *)qm_pg_get(res, 0, 3);
   qm_pg_get_int64(res, 0, 5, &en.expires_at_ms);
   const char *url = qm_config_str(qm_service_config(prov->svc), "QM_EXPIRY_WEBHOOK_URL");
-  const char *outcome = "none";
-  if (url && *url) {
+  bool hook = url && *url;
+  if (hook) {
     char when[40];
     qm_time_format_rfc3339(en.expires_at_ms, when, sizeof(when));
     json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s}", "type",
@@ -138,34 +105,22 @@ static int fire_notice(prov_t *prov, qm_pg_t *tx, const qm_timer_t *t, char *err
                           "expires_at", when);
     char *body = json_dumps(j, JSON_COMPACT);
     json_decref(j);
-    char idem[128];
-    snprintf(idem, sizeof(idem), "%s:%lld", en.grant_id, (long long)en.expires_at_ms);
-    rc = webhook_post(prov, url, body, idem, errstr, errstr_size);
+    rc = prov_notice_add(tx, en.grant_id, en.expires_at_ms, body, errstr, errstr_size);
     free(body);
-    outcome = rc == QM_OK ? "sent" : "failed";
-    qm_metrics_inc(qm_metrics_child(prov->m_notices, (const char *const[]){outcome}));
-    if (rc != QM_OK) {
-      qm_log(QM_LOG_WARN, en.request_id, NULL,
-             "expiry notice of grant %s: %s; retried shortly (check the receiver)", en.grant_id,
-             errstr);
-      qm_pg_result_destroy(res);
-      return QM_ETRANSIENT;
-    }
-  } else {
-    qm_metrics_inc(qm_metrics_child(prov->m_notices, (const char *const[]){outcome}));
   }
-  Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
-  ae.event_case = QM__V1__ACCESS_EVENT__EVENT_EXPIRY_NOTICE;
-  ae.expiry_notice = &en;
-  rc = qm_service_emit(prov->svc, tx, QM_TOPIC_ACCESS, en.subject_person_id,
-                       "qm.access.expiry_notice.v1", en.request_id, NULL, &ae.base, NULL, errstr,
-                       errstr_size);
-  if (rc == QM_OK)
-    rc = qm_pg_exec(tx, "UPDATE grants SET notice_sent_at = now() WHERE grant_id = $1", p, 1,
-                    NULL, errstr, errstr_size);
-  if (rc == QM_OK)
+  if (rc == QM_OK) {
+    Qm__V1__AccessEvent ae = QM__V1__ACCESS_EVENT__INIT;
+    ae.event_case = QM__V1__ACCESS_EVENT__EVENT_EXPIRY_NOTICE;
+    ae.expiry_notice = &en;
+    rc = qm_service_emit(prov->svc, tx, QM_TOPIC_ACCESS, en.subject_person_id,
+                         "qm.access.expiry_notice.v1", en.request_id, NULL, &ae.base, NULL,
+                         errstr, errstr_size);
+  }
+  if (rc == QM_OK) {
+    if (!hook) qm_metrics_inc(qm_metrics_child(prov->m_notices, (const char *const[]){"none"}));
     qm_log(QM_LOG_INFO, en.request_id, NULL, "expiry notice for grant %s of %s (webhook: %s)",
-           en.grant_id, en.subject_person_id, outcome);
+           en.grant_id, en.subject_person_id, hook ? "queued" : "none");
+  }
   qm_pg_result_destroy(res);
   return rc;
 }
@@ -414,13 +369,16 @@ int prov_scheduler_start(prov_t *prov, char *errstr, size_t errstr_size) {
     return qm_err(errstr, errstr_size, QM_EIO, "cannot start the drift thread");
   }
   prov->scheduler_running = true;
-  return QM_OK;
+  int rc = prov_notices_start(prov, errstr, errstr_size);
+  if (rc != QM_OK) prov_scheduler_stop(prov);
+  return rc;
 }
 
 void prov_scheduler_stop(prov_t *prov) {
   atomic_store(&prov->stopping, true);
   if (prov->scheduler_running) pthread_join(prov->scheduler, NULL);
   prov->scheduler_running = false;
+  prov_notices_stop(prov);
   qm_timers_destroy(prov->timers);
   prov->timers = NULL;
 }

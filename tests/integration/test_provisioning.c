@@ -365,6 +365,103 @@ static void c_expiry_notice_extension(it_stack_t *st, it_cases_t *cs) {
            "A got more than one expiry notice");
 }
 
+/* The expiry notice's receiver down (503 after holding each request 4 s):
+ * the notice is recorded and its event published at once, the POST happens
+ * outside any transaction, so the grant row is never locked meanwhile and a
+ * leaver's revocation goes through while the receiver is still down; when
+ * the receiver is back the notice arrives, always with the same
+ * Idempotency-Key. */
+static void c_notice_receiver_down(it_stack_t *st, it_cases_t *cs) {
+  ctx_t *c = cs->ctx;
+  char rn[QM_UUID_STR_LEN], rk[QM_UUID_STR_LEN], pat[512];
+  new_id(rn);
+  new_id(rk);
+  it_recorder_clear(c->hook);
+  it_recorder_set_status(c->hook, 503);
+  it_recorder_set_delay_ms(c->hook, 4000);
+  /* N lasts 5 days of 2 s (notice 8 s after it is applied); K never expires. */
+  it_approved_t n = {.request_id = rn, .person_id = "p-0250", .item_id = "figma",
+                     .role_id = "editor", .group = "app-figma-editor", .duration_days = 5};
+  it_approved_t k = {.request_id = rk, .person_id = "p-0250", .item_id = "jira",
+                     .role_id = "user", .group = "app-jira-user"};
+  approve_and_wait(st, cs, &n);
+  approve_and_wait(st, cs, &k);
+  char *gid = grant_of(st, rn);
+  IT_CHECK(cs, gid != NULL, "no grant for request %s", rn);
+  snprintf(pat, sizeof(pat), "{\"event\":\"expiry_notice\",\"request_id\":\"%s\"}", rn);
+  want_events(cs, c, pat, 1);
+  IT_CHECK(cs, it_recorder_wait(c->hook, NULL, 1, 30000), "no notice attempt reached the receiver");
+  /* The receiver is holding the attempt now: the grant row must be free. */
+  char *probe = qm_asprintf("SELECT ((SELECT grant_id FROM provisioning.grants WHERE grant_id = '%s'"
+                            " FOR UPDATE SKIP LOCKED) IS NOT NULL)::text", gid);
+  int locked = 0;
+  for (int i = 0; i < 10; i++) {
+    char *v = it_pg_scalar(st, probe);
+    if (!v || strcmp(v, "true") != 0) locked++;
+    free(v);
+    it_sleep_ms(150);
+  }
+  free(probe);
+  IT_CHECK(cs, locked == 0, "the grant row was locked in %d of 10 probes while the receiver held "
+           "the notice", locked);
+  /* A leaver now: both grants revoked while the receiver is still down. */
+  char today[16], hr_id[QM_UUID_STR_LEN];
+  it_date(0, today, sizeof(today));
+  new_id(hr_id);
+  it_hr_event_t ev = {.kind = "leaver", .effective_date = today, .source_event_id = hr_id,
+                      .person = {.id = "p-0250", .status = "terminated"}};
+  int64_t t_leaver = it_now_ms();
+  it_hr_publish(st, &ev);
+  want_events(cs, c, "{\"event\":\"revoked\",\"subject_person_id\":\"p-0250\",\"reason\":\"leaver\"}", 2);
+  int64_t took = it_now_ms() - t_leaver;
+  fprintf(stderr, "[it provisioning] leaver revoked in %lld ms with the notice receiver down\n",
+          (long long)took);
+  char *q = qm_asprintf("SELECT state || '/' || (attempts > 0)::text FROM provisioning.expiry_notices"
+                        " WHERE grant_id = '%s'", gid);
+  char *ns = it_pg_scalar(st, q);
+  IT_CHECK(cs, ns && !strcmp(ns, "pending/true"),
+           "while the receiver is down the notice should be pending after an attempt, it is %s",
+           ns ? ns : "(none)");
+  free(ns);
+  IT_CHECK(cs, took < 15000, "the leaver's revocations took %lld ms with the receiver down",
+           (long long)took);
+  /* The receiver is back: the notice is delivered, once recorded as sent. */
+  it_recorder_set_delay_ms(c->hook, 0);
+  it_recorder_set_status(c->hook, 200);
+  int64_t until = it_now_ms() + 60000;
+  while (it_now_ms() < until) {
+    ns = it_pg_scalar(st, q);
+    bool sent = ns && !strncmp(ns, "sent", 4);
+    free(ns);
+    if (sent) break;
+    it_sleep_ms(200);
+  }
+  free(q);
+  q = qm_asprintf("SELECT state FROM provisioning.expiry_notices WHERE grant_id = '%s'", gid);
+  ns = it_pg_scalar(st, q);
+  free(q);
+  IT_CHECK(cs, ns && !strcmp(ns, "sent"), "the notice is %s 60 s after the receiver came back",
+           ns ? ns : "(none)");
+  free(ns);
+  json_t *reqs = it_recorder_requests(c->hook, NULL);
+  size_t nreq = json_array_size(reqs), same = 0;
+  const char *key0 = NULL;
+  for (size_t i = 0; i < nreq; i++) {
+    json_t *r = json_array_get(reqs, i);
+    const char *key = json_string_value(json_object_get(json_object_get(r, "headers"), "idempotency-key"));
+    const char *body = json_string_value(json_object_get(r, "body"));
+    if (!body || !strstr(body, gid)) continue;
+    if (!key0) key0 = key;
+    if (key && key0 && !strcmp(key, key0) && !strncmp(key, gid, strlen(gid))) same++;
+  }
+  bool all_same = same >= 2 && same == nreq;
+  json_decref(reqs);
+  IT_CHECK(cs, all_same, "expected every attempt (at least the failed one and the delivered one)"
+           " to carry the grant's Idempotency-Key: %zu of %zu did", same, nreq);
+  IT_CHECK(cs, count_events(c, pat) == 1, "the notice was published more than once");
+  free(gid);
+}
+
 static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   ctx_t *c = cs->ctx;
   static const struct {
@@ -582,6 +679,7 @@ Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .time
       {"provisioning", "QM_PROVISIONING_TICK=100ms"},
       {"provisioning", "QM_DRIFT_INTERVAL=0"},
       {"provisioning", "QM_PROVISIONING_BACKOFF=200ms"},
+      {"provisioning", "QM_EXPIRY_WEBHOOK_BACKOFF=200ms"},
       {NULL, NULL},
   };
   static const char *const only[] = {"provisioning", NULL};
@@ -602,6 +700,8 @@ Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .time
   it_case_run(&cs, st, "expiry on a short clock, notice webhook, extension", c_expiry_notice_extension);
   it_case_run(&cs, st, "leaver: every grant revoked, each with its event, timed", c_leaver);
   it_case_run(&cs, st, "drift found (SCIM, LDAP) and repaired (LDAP)", c_drift);
+  it_case_run(&cs, st, "expiry notice receiver down: leaver not held up, notice delivered later",
+              c_notice_receiver_down);
   bool ok = it_cases_report(&cs, "provisioning");
   it_reader_close(c.access);
   free(c.admin);
