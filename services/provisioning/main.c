@@ -139,6 +139,11 @@ static const qm_migration_t migrations[] = {
      " sent_at timestamptz);"
      "CREATE INDEX expiry_notices_due ON expiry_notices (next_attempt_at, id)"
      " WHERE state = 'pending';"},
+    /* A drift repair is recorded before the directory is changed: a row with
+     * repair_started_at and no repair_finished_at was cut short by a crash. */
+    {8, "drift repairs recorded before they are made",
+     "ALTER TABLE drift_findings ADD COLUMN repair_started_at timestamptz,"
+     " ADD COLUMN repair_finished_at timestamptz;"},
 };
 
 static const qm_cfg_def_t config[] = {

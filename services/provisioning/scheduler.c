@@ -11,7 +11,10 @@
  *  - Drift reconciliation runs every QM_DRIFT_INTERVAL on one instance at a
  *    time (a session advisory lock): each managed group's members are read
  *    from its directory and compared with the grants; findings are recorded,
- *    published as DriftDetected, and repaired where configured.
+ *    published as DriftDetected, and repaired where configured. A finding to
+ *    repair is committed before the directory is touched (repaired false,
+ *    repair_started_at set), then marked with the repair's outcome and
+ *    published: a crash mid-repair never leaves an unrecorded change.
  */
 #include "provisioning.h"
 
@@ -140,9 +143,36 @@ static int fire(void *ctx, qm_pg_t *tx, const qm_timer_t *t, char *errstr, size_
 
 /* ---- drift ------------------------------------------------------------------ */
 
+/* A finding about to be repaired is recorded first, committed on its own
+ * (repaired false, repair_started_at set): the directory is changed only
+ * once the finding is on record, so a crash mid-repair leaves a row saying
+ * a repair was started, never an unrecorded change. *id receives its id. */
+static int open_finding(qm_pg_t *pg, prov_conn_t *c, const char *grp, const char *finding,
+                        const char *dir_user_id, const char *person_id, const char *grant_id,
+                        int64_t *id, char *errstr, size_t errstr_size) {
+  qm_pg_param_t p[] = {QM_PG_TEXT(c->name),
+                       QM_PG_TEXT(grp),
+                       QM_PG_TEXT(finding),
+                       QM_PG_TEXT(dir_user_id),
+                       person_id && *person_id ? QM_PG_TEXT(person_id) : QM_PG_NULL,
+                       grant_id && *grant_id ? QM_PG_TEXT(grant_id) : QM_PG_NULL};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(pg,
+                      "INSERT INTO drift_findings (connector, grp, finding, directory_user_id,"
+                      " person_id, grant_id, repaired, repair_started_at)"
+                      " VALUES ($1, $2, $3, $4, $5, $6, false, now()) RETURNING id",
+                      p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
+  if (rc == QM_OK) qm_pg_get_int64(res, 0, 0, id);
+  qm_pg_result_destroy(res);
+  return rc;
+}
+
+/* Records a finding and publishes DriftDetected in one transaction: a new
+ * row when id is 0, else the outcome of the repair of open_finding()'s row. */
 static int record_finding(prov_t *prov, qm_pg_t *pg, prov_conn_t *c, const char *grp,
                           const char *finding, const char *dir_user_id, const char *person_id,
-                          const char *grant_id, bool repaired, char *errstr, size_t errstr_size) {
+                          const char *grant_id, int64_t id, bool repaired, char *errstr,
+                          size_t errstr_size) {
   int rc = qm_pg_begin(pg, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   qm_pg_param_t p[] = {QM_PG_TEXT(c->name),
@@ -152,10 +182,17 @@ static int record_finding(prov_t *prov, qm_pg_t *pg, prov_conn_t *c, const char 
                        person_id && *person_id ? QM_PG_TEXT(person_id) : QM_PG_NULL,
                        grant_id && *grant_id ? QM_PG_TEXT(grant_id) : QM_PG_NULL,
                        QM_PG_TEXT(repaired ? "true" : "false")};
-  rc = qm_pg_exec(pg,
-                  "INSERT INTO drift_findings (connector, grp, finding, directory_user_id,"
-                  " person_id, grant_id, repaired) VALUES ($1, $2, $3, $4, $5, $6, $7::boolean)",
-                  p, QM_ARRAY_LEN(p), NULL, errstr, errstr_size);
+  qm_pg_param_t u[] = {QM_PG_INT64(id), QM_PG_TEXT(repaired ? "true" : "false")};
+  if (id > 0)
+    rc = qm_pg_exec(pg,
+                    "UPDATE drift_findings SET repaired = $2::boolean,"
+                    " repair_finished_at = now() WHERE id = $1::bigint",
+                    u, 2, NULL, errstr, errstr_size);
+  else
+    rc = qm_pg_exec(pg,
+                    "INSERT INTO drift_findings (connector, grp, finding, directory_user_id,"
+                    " person_id, grant_id, repaired) VALUES ($1, $2, $3, $4, $5, $6, $7::boolean)",
+                    p, QM_ARRAY_LEN(p), NULL, errstr, errstr_size);
   if (rc == QM_OK) {
     Qm__V1__DriftDetected dd = QM__V1__DRIFT_DETECTED__INIT;
     dd.group = (char *)grp;
@@ -243,13 +280,17 @@ static int drift_group(prov_t *prov, qm_pg_t *pg, prov_conn_t *c, const char *gr
     prov_conn_norm_id(c, dir_id, norm, sizeof(norm));
     if (json_object_get(members, norm)) continue;
     bool repaired = false;
+    int64_t fid = 0;
     if (repair) {
+      rc = open_finding(pg, c, grp, "grant_without_member", dir_id, qm_pg_get(res, i, 1),
+                        qm_pg_get(res, i, 0), &fid, errstr, errstr_size);
+      if (rc != QM_OK) break;
       const char *ids[] = {dir_id};
       repaired = prov_conn_add(c, group_id, ids, 1, why, sizeof(why)) == QM_OK;
       if (!repaired) qm_log_warn("drift repair (re-add %s to %s) failed: %s", dir_id, grp, why);
     }
     rc = record_finding(prov, pg, c, grp, "grant_without_member", dir_id, qm_pg_get(res, i, 1),
-                        qm_pg_get(res, i, 0), repaired, errstr, errstr_size);
+                        qm_pg_get(res, i, 0), fid, repaired, errstr, errstr_size);
     if (rc == QM_OK) found++;
   }
   qm_pg_result_destroy(res);
@@ -269,11 +310,15 @@ static int drift_group(prov_t *prov, qm_pg_t *pg, prov_conn_t *c, const char *gr
     if (qm_pg_ntuples(res) == 1) qm_strlcpy(person, qm_pg_get(res, 0, 0), sizeof(person));
     qm_pg_result_destroy(res);
     bool repaired = false;
+    int64_t fid = 0;
     if (repair) {
+      rc = open_finding(pg, c, grp, "member_without_grant", m, person, NULL, &fid, errstr,
+                        errstr_size);
+      if (rc != QM_OK) break;
       repaired = prov_conn_remove(c, group_id, m, why, sizeof(why)) == QM_OK;
       if (!repaired) qm_log_warn("drift repair (remove %s from %s) failed: %s", m, grp, why);
     }
-    rc = record_finding(prov, pg, c, grp, "member_without_grant", m, person, NULL, repaired,
+    rc = record_finding(prov, pg, c, grp, "member_without_grant", m, person, NULL, fid, repaired,
                         errstr, errstr_size);
     if (rc == QM_OK) found++;
   }

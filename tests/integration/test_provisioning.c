@@ -636,6 +636,17 @@ static void c_drift(it_stack_t *st, it_cases_t *cs) {
   m = it_scim_members(st, "app-figma-viewer");
   IT_CHECK(cs, has_member(m, "p-0241"), "SCIM drift was repaired although repair is off there");
   json_decref(m);
+  /* Each repair was on record before the directory was changed, then marked
+   * with its outcome; an unrepaired finding never started one. */
+  long long repairs = it_pg_int(st, "SELECT count(*) FROM provisioning.drift_findings"
+                                    " WHERE repaired AND repair_started_at IS NOT NULL"
+                                    " AND repair_finished_at >= repair_started_at");
+  long long stray = it_pg_int(st, "SELECT count(*) FROM provisioning.drift_findings"
+                                  " WHERE (repaired AND repair_started_at IS NULL)"
+                                  " OR (NOT repaired AND repair_started_at IS NOT NULL)");
+  IT_CHECK(cs, repairs == 2 && stray == 0,
+           "drift_findings: %lld repair(s) recorded before and after (want 2), %lld inconsistent",
+           repairs, stray);
   /* Repaired: a second run finds only what was left unrepaired. */
   it_http(st, "provisioning", "POST", "/v1/drift/run", c->admin, NULL, NULL, &r);
   findings = json_integer_value(json_object_get(r.json, "findings"));
