@@ -344,15 +344,20 @@ static void list_operations(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx)
 }
 
 /* POST /v1/drift/run — reconcile every managed group now instead of at the
- * next QM_DRIFT_INTERVAL. Answers the number of findings. it_admin only. */
+ * next QM_DRIFT_INTERVAL. Answers the number of findings. it_admin only.
+ * A reconciliation reads whole groups from the directories and can take a
+ * while: it runs on a connection of its own (as the periodic run does), not
+ * one of the pool the API and the consumer share. */
 static void run_drift(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   prov_t *prov = ctx;
-  qm_pg_t *pg = NULL;
-  if (qm_pg_pool_acquire(qm_service_pool(prov->svc), 5000, &pg) != QM_OK) {
-    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
+  char errstr[512];
+  qm_pg_t *pg = qm_pg_connect_app(qm_service_dsn(prov->svc), "provisioning",
+                                  "qm-provisioning-drift-api", errstr, sizeof(errstr));
+  if (!pg) {
+    qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "drift run: %s", errstr);
+    qm_http_problem(resp, 503, "unavailable", "Database unavailable", "try again shortly");
     return;
   }
-  char errstr[512];
   /* The same session lock as the periodic run: one reconciliation at a time. */
   qm_pg_param_t p[] = {QM_PG_INT64(qm_pg_advisory_key("qm-provisioning-drift"))};
   qm_pg_result_t *res = NULL;
@@ -361,17 +366,13 @@ static void run_drift(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   bool mine = n == QM_OK && !strcmp(qm_pg_get(res, 0, 0), "t");
   qm_pg_result_destroy(res);
   if (n == QM_OK && !mine) {
-    qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+    qm_pg_destroy(pg);
     qm_http_problem(resp, 409, "conflict", "Drift run in progress",
                     "another reconciliation is running; try again when it has finished");
     return;
   }
-  if (mine) {
-    n = prov_drift_run(prov, pg, errstr, sizeof(errstr));
-    char e2[256];
-    qm_pg_exec(pg, "SELECT pg_advisory_unlock($1::bigint)", p, 1, NULL, e2, sizeof(e2));
-  }
-  qm_pg_pool_release(qm_service_pool(prov->svc), pg);
+  if (mine) n = prov_drift_run(prov, pg, errstr, sizeof(errstr));
+  qm_pg_destroy(pg); /* ends the session, and with it the advisory lock */
   if (n < 0) {
     qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "drift run: %s", errstr);
     qm_http_problem(resp, 503, "unavailable", "Drift run failed", "try again shortly");
