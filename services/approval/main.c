@@ -121,6 +121,12 @@ static const qm_migration_t migrations[] = {
      " sent_at timestamptz);"
      "CREATE INDEX notifications_due ON notifications (next_at_ms) WHERE status = 'pending';"},
     {4, "step timers", QM_TIMER_MIGRATION_SQL("timers")},
+    /* The notifier claims rows with a lease instead of holding them locked
+     * in a transaction while it POSTs. */
+    {5, "notification leases",
+     "ALTER TABLE notifications ADD COLUMN lease_until timestamptz,"
+     " ADD COLUMN lease_token text, ADD COLUMN lease_pid int,"
+     " ADD COLUMN lease_backend_start timestamptz;"},
 };
 
 static const qm_cfg_def_t config_defs[] = {

@@ -4,12 +4,18 @@
  * A decision, a new step, a reminder or an escalation writes a row to the
  * notifications table in its own transaction (so a notification exists if
  * and only if what it announces committed). A worker thread per instance
- * drains the table: it locks a few due rows (FOR UPDATE SKIP LOCKED, so
- * instances share the work), POSTs each as Slack incoming-webhook JSON
- * ({"text": ..., "blocks": [...]}) with libcurl, and marks it sent, or
- * schedules a retry with exponential backoff, or gives up after
- * QM_APPROVAL_WEBHOOK_MAX_ATTEMPTS (marked failed, logged). A receiver that
- * is down or slow delays only its notifications, never a decision.
+ * drains the table on a database connection of its own (never one of the
+ * HTTP handlers' pool): it claims a few due rows in one committed statement,
+ * each with a lease (held by its session and a token; instances share the
+ * work, and a crashed notifier's rows are taken over once its session is
+ * gone or the lease ran out), then, with no transaction open, POSTs each as
+ * Slack incoming-webhook JSON ({"text": ..., "blocks": [...]}) with libcurl
+ * and records the outcome in its own statement guarded by status = 'pending'
+ * and the lease token: sent, or a retry with exponential backoff, or given
+ * up after QM_APPROVAL_WEBHOOK_MAX_ATTEMPTS (marked failed, logged). A
+ * receiver that is down or slow delays only its notifications, never a
+ * decision nor an API call; a notification that was POSTed and recorded is
+ * never posted again.
  */
 #include "approval.h"
 
@@ -25,6 +31,7 @@
 #define NOTIFY_BATCH 10
 #define NOTIFY_IDLE_MS 200
 #define NOTIFY_BACKOFF_MAX_MS (10 * 60 * 1000)
+#define NOTIFY_LEASE_MARGIN_MS 10000
 
 int notify_add(approval_t *ap, qm_pg_t *tx, const char *kind, const char *request_id,
                const char *const *recipients, size_t n, const char *text, char *errstr,
@@ -116,76 +123,149 @@ static void count(approval_t *ap, const char *outcome) {
   qm_metrics_inc(qm_metrics_child(ap->m_notifications, lv));
 }
 
-/* One round: up to NOTIFY_BATCH due rows. Returns how many were tried. */
-static int notify_round(approval_t *ap, CURL *curl) {
-  qm_pg_t *pg = NULL;
-  char errstr[512];
-  if (qm_pg_pool_acquire(qm_service_pool(ap->svc), 2000, &pg) != QM_OK) return 0;
-  int tried = 0;
-  qm_pg_result_t *res = NULL;
-  if (qm_pg_begin(pg, errstr, sizeof(errstr)) != QM_OK) goto out;
-  char lim[8];
-  snprintf(lim, sizeof(lim), "%d", NOTIFY_BATCH);
-  qm_pg_param_t p[] = {QM_PG_INT64(qm_now_ms()), QM_PG_TEXT(lim)};
-  if (qm_pg_exec(pg,
-                 "SELECT id, body, attempts, kind FROM notifications WHERE status = 'pending'"
-                 " AND next_at_ms <= $1 ORDER BY next_at_ms, id LIMIT $2::int"
-                 " FOR UPDATE SKIP LOCKED",
-                 p, 2, &res, errstr, sizeof(errstr)) != QM_OK)
-    goto rollback;
-  for (int i = 0; i < qm_pg_ntuples(res); i++) {
-    const char *id = qm_pg_get(res, i, 0);
-    int attempts = atoi(qm_pg_get(res, i, 2)) + 1;
-    char why[400] = "";
-    int rc = post(ap, curl, qm_pg_get(res, i, 1), why, sizeof(why));
-    tried++;
-    int prc;
-    if (rc == QM_OK) {
-      qm_pg_param_t pu[] = {QM_PG_TEXT(id), QM_PG_INT64(attempts)};
-      prc = qm_pg_exec(pg,
-                       "UPDATE notifications SET status = 'sent', attempts = $2::int,"
-                       " sent_at = now(), last_error = NULL WHERE id = $1::bigint",
-                       pu, 2, NULL, errstr, sizeof(errstr));
-      count(ap, "sent");
-    } else {
-      bool give_up = attempts >= ap->webhook_max_attempts;
-      int64_t delay = ap->webhook_backoff_ms;
-      for (int k = 1; k < attempts && delay < NOTIFY_BACKOFF_MAX_MS; k++) delay *= 2;
-      if (delay > NOTIFY_BACKOFF_MAX_MS) delay = NOTIFY_BACKOFF_MAX_MS;
-      qm_pg_param_t pu[] = {QM_PG_TEXT(id), QM_PG_INT64(attempts),
-                            QM_PG_TEXT(give_up ? "failed" : "pending"),
-                            QM_PG_INT64(qm_now_ms() + delay), QM_PG_TEXT(why)};
-      prc = qm_pg_exec(pg,
-                       "UPDATE notifications SET status = $3, attempts = $2::int,"
-                       " next_at_ms = $4, last_error = $5 WHERE id = $1::bigint",
-                       pu, 5, NULL, errstr, sizeof(errstr));
-      count(ap, give_up ? "failed" : "retry");
-      if (give_up)
-        qm_log_error("notification %s (%s) given up after %d attempts: %s — check "
-                     "QM_APPROVAL_WEBHOOK_URL and the receiver",
-                     id, qm_pg_get(res, i, 3), attempts, why);
-      else
-        qm_log_warn("notification %s (%s) failed (attempt %d): %s; retrying in %lld ms", id,
-                    qm_pg_get(res, i, 3), attempts, why, (long long)delay);
-    }
-    if (prc != QM_OK) goto rollback;
-  }
-  if (qm_pg_commit(pg, errstr, sizeof(errstr)) == QM_OK) goto out;
-rollback:
-  qm_log_warn("notifications: %s; will retry", errstr);
-  qm_pg_rollback(pg, NULL, 0);
-out:
-  qm_pg_result_destroy(res);
-  qm_pg_pool_release(qm_service_pool(ap->svc), pg);
-  return tried;
+/* How long a notifier holds the rows it claimed: long enough to POST the
+ * whole batch, each within QM_APPROVAL_WEBHOOK_TIMEOUT, and record it. */
+static int64_t lease_ms(const approval_t *ap) {
+  return NOTIFY_BATCH * ap->webhook_timeout_ms + NOTIFY_LEASE_MARGIN_MS;
 }
 
+/* Claims up to NOTIFY_BATCH due rows in one committed statement: each gets
+ * a lease (until now + lease_ms(), held by this session and by tok) and one
+ * more attempt. A row is due when pending, its time has come and nobody holds
+ * it: no lease, a lease run out, or one whose session is gone (a notifier
+ * that crashed). *res: id, body, attempts, kind. Returns QM_OK or the error
+ * of qm_pg_exec() (logged). */
+static int claim(approval_t *ap, qm_pg_t *pg, const char *tok, qm_pg_result_t **res) {
+  char errstr[512];
+  qm_pg_param_t p[] = {QM_PG_INT64(qm_now_ms()), QM_PG_INT64(NOTIFY_BATCH),
+                       QM_PG_INT64(lease_ms(ap)), QM_PG_TEXT(tok)};
+  int rc = qm_pg_exec(
+      pg,
+      "WITH c AS (UPDATE notifications SET attempts = attempts + 1, lease_token = $4,"
+      " lease_until = now() + make_interval(secs => $3::bigint / 1000.0),"
+      " lease_pid = pg_backend_pid(), lease_backend_start = (SELECT backend_start"
+      "  FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+      " WHERE id IN (SELECT n.id FROM notifications n WHERE n.status = 'pending'"
+      "  AND n.next_at_ms <= $1 AND (n.lease_until IS NULL OR n.lease_until < now()"
+      "   OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = n.lease_pid"
+      "    AND a.backend_start = n.lease_backend_start))"
+      "  ORDER BY n.next_at_ms, n.id LIMIT $2::int FOR UPDATE SKIP LOCKED)"
+      " RETURNING id, body, attempts, kind)"
+      " SELECT id, body, attempts, kind FROM c ORDER BY id",
+      p, 4, res, errstr, sizeof(errstr));
+  if (rc != QM_OK) {
+    if (rc == QM_ETRANSIENT) qm_pg_ensure(pg, qm_mono_ms() + 1000);
+    qm_log_warn("notifications: claiming failed: %s (retrying)", errstr);
+  }
+  return rc;
+}
+
+/* Runs one statement that records what became of a claimed row (its own
+ * short transaction, no HTTP call inside), retrying over a reconnect until
+ * the lease would run out. *won: false when the row was no longer ours. */
+static int record(approval_t *ap, qm_pg_t *pg, const char *sql, const qm_pg_param_t *p, int np,
+                  bool *won, char *errstr, size_t errstr_size) {
+  int64_t deadline = qm_mono_ms() + lease_ms(ap);
+  for (;;) {
+    qm_pg_result_t *res = NULL;
+    int rc = qm_pg_exec(pg, sql, p, np, &res, errstr, errstr_size);
+    *won = rc == QM_OK && qm_pg_affected(res) > 0;
+    qm_pg_result_destroy(res);
+    if (rc != QM_ETRANSIENT || qm_mono_ms() >= deadline) return rc;
+    if (qm_pg_ensure(pg, deadline) != QM_OK) return rc;
+  }
+}
+
+/* POSTs one claimed row and records the outcome, guarded by
+ * status = 'pending' and our lease token. */
+static void deliver(approval_t *ap, qm_pg_t *pg, CURL *curl, const char *tok,
+                    const qm_pg_result_t *res, int i) {
+  const char *id = qm_pg_get(res, i, 0), *kind = qm_pg_get(res, i, 3);
+  int attempts = atoi(qm_pg_get(res, i, 2));
+  char why[400] = "", errstr[512] = "";
+  bool won = false;
+  int prc;
+  if (post(ap, curl, qm_pg_get(res, i, 1), why, sizeof(why)) == QM_OK) {
+    qm_pg_param_t pu[] = {QM_PG_TEXT(id), QM_PG_TEXT(tok)};
+    prc = record(ap, pg,
+                 "UPDATE notifications SET status = 'sent', sent_at = now(), last_error = NULL,"
+                 " lease_until = NULL, lease_token = NULL"
+                 " WHERE id = $1::bigint AND status = 'pending' AND lease_token = $2",
+                 pu, 2, &won, errstr, sizeof(errstr));
+    count(ap, "sent");
+  } else {
+    bool give_up = attempts >= ap->webhook_max_attempts;
+    int64_t delay = ap->webhook_backoff_ms;
+    for (int k = 1; k < attempts && delay < NOTIFY_BACKOFF_MAX_MS; k++) delay *= 2;
+    if (delay > NOTIFY_BACKOFF_MAX_MS) delay = NOTIFY_BACKOFF_MAX_MS;
+    qm_pg_param_t pu[] = {QM_PG_TEXT(id), QM_PG_TEXT(tok), QM_PG_TEXT(give_up ? "failed" : "pending"),
+                          QM_PG_INT64(qm_now_ms() + delay), QM_PG_TEXT(why)};
+    prc = record(ap, pg,
+                 "UPDATE notifications SET status = $3, next_at_ms = $4, last_error = $5,"
+                 " lease_until = NULL, lease_token = NULL"
+                 " WHERE id = $1::bigint AND status = 'pending' AND lease_token = $2",
+                 pu, 5, &won, errstr, sizeof(errstr));
+    count(ap, give_up ? "failed" : "retry");
+    if (give_up)
+      qm_log_error("notification %s (%s) given up after %d attempts: %s — check "
+                   "QM_APPROVAL_WEBHOOK_URL and the receiver",
+                   id, kind, attempts, why);
+    else
+      qm_log_warn("notification %s (%s) failed (attempt %d): %s; retrying in %lld ms", id, kind,
+                  attempts, why, (long long)delay);
+  }
+  if (prc != QM_OK)
+    qm_log_warn("notification %s (%s): recording the outcome failed (%s); it is tried again "
+                "after its lease",
+                id, kind, errstr);
+  else if (!won)
+    qm_log_warn("notification %s (%s): its lease had run out and another notifier took it", id,
+                kind);
+}
+
+/* One round: claims up to NOTIFY_BATCH due rows, then POSTs and records
+ * them one by one with no transaction open. Returns how many were claimed. */
+static int notify_round(approval_t *ap, qm_pg_t *pg, CURL *curl) {
+  char tok[QM_UUID_STR_LEN];
+  qm_uuid_new(tok);
+  qm_pg_result_t *res = NULL;
+  if (claim(ap, pg, tok, &res) != QM_OK) return 0;
+  int n = qm_pg_ntuples(res), i = 0;
+  for (; i < n && !atomic_load(&ap->stopping) && !qm_shutdown_requested(); i++)
+    deliver(ap, pg, curl, tok, res, i);
+  qm_pg_result_destroy(res);
+  if (i < n) {
+    /* Shutdown: what was claimed but not posted goes back at once, its
+     * attempt not counted, instead of waiting out the lease. */
+    char errstr[256];
+    qm_pg_param_t p[] = {QM_PG_TEXT(tok)};
+    qm_pg_exec(pg,
+               "UPDATE notifications SET lease_until = NULL, lease_token = NULL,"
+               " attempts = attempts - 1 WHERE lease_token = $1 AND status = 'pending'",
+               p, 1, NULL, errstr, sizeof(errstr));
+  }
+  return n;
+}
+
+/* The notifier has a connection of its own: a slow receiver never holds
+ * one of the HTTP handlers' pooled connections. */
 static void *notify_main(void *arg) {
   approval_t *ap = arg;
   CURL *curl = curl_easy_init();
-  while (!atomic_load(&ap->stopping) && !qm_shutdown_requested()) {
-    if (notify_round(ap, curl) == 0) qm_sleep_ms(NOTIFY_IDLE_MS);
+  char errstr[512];
+  qm_pg_t *pg = NULL;
+  while (!pg && !atomic_load(&ap->stopping) && !qm_shutdown_requested()) {
+    pg = qm_pg_connect_app(qm_service_dsn(ap->svc), qm_service_name(ap->svc),
+                           "qm-approval-notifier", errstr, sizeof(errstr));
+    if (!pg) {
+      qm_log_warn("notifier: PostgreSQL: %s (retrying)", errstr);
+      qm_sleep_ms(1000);
+    }
   }
+  while (pg && !atomic_load(&ap->stopping) && !qm_shutdown_requested()) {
+    if (notify_round(ap, pg, curl) == 0) qm_sleep_ms(NOTIFY_IDLE_MS);
+  }
+  qm_pg_destroy(pg);
   curl_easy_cleanup(curl);
   return NULL;
 }

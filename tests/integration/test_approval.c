@@ -789,6 +789,108 @@ static void c_flushall(it_stack_t *st, it_cases_t *cs) {
   for (int i = 0; i < n; i++) free(ids[i]);
 }
 
+/* ------------------------------------------------------------ a hanging receiver */
+
+/* How many recorded webhook requests carried exactly body and were answered
+ * at once with 2xx (delivered, not left hanging). */
+static int delivered(const json_t *reqs, const char *body) {
+  int n = 0;
+  size_t i;
+  json_t *q;
+  json_array_foreach(reqs, i, q) {
+    json_int_t status = json_integer_value(json_object_get(q, "status"));
+    if (!strcmp(jget(q, "body"), body) && status >= 200 && status < 300 &&
+        json_integer_value(json_object_get(q, "delay_ms")) == 0)
+      n++;
+  }
+  return n;
+}
+
+/* Approval runs with one pooled connection and a 2 s webhook timeout; the
+ * receiver hangs. The API keeps answering promptly (the notifier holds no
+ * pooled connection and no transaction while it POSTs); once the receiver
+ * recovers, every notification is delivered exactly once. */
+static void c_webhook_hangs(it_stack_t *st, it_cases_t *cs) {
+  ap_ctx_t *cx = cs->ctx;
+  it_recorder_set_delay_ms(cx->hooks, 60000);
+  const char *who[] = {"p-0019", "p-0025", "p-0031"};
+  char *ids[3];
+  json_t *steps[3];
+  for (int i = 0; i < 3; i++) ids[i] = submit(st, who[i], "employee", who[i], "figma", "editor");
+  for (int i = 0; i < 3; i++) steps[i] = wait_step(cs, st, ids[i], 1, "pending", 20000);
+  IT_CHECK(cs, it_recorder_wait(cx->hooks, "/hooks", 1, 20000), "the notifier never POSTed");
+  /* Three webhook timeouts and more of API calls, each timed. */
+  int64_t worst = 0, until = it_now_ms() + 8000;
+  int calls = 0;
+  while (it_now_ms() < until) {
+    for (int i = 0; i < 3; i++) {
+      int64_t t0 = it_now_ms();
+      json_t *a = approvals_of(st, cx, ids[i]);
+      int64_t dt = it_now_ms() - t0;
+      IT_CHECK(cs, a != NULL, "GET approvals of %s failed while the receiver hangs", ids[i]);
+      json_decref(a);
+      if (dt > worst) worst = dt;
+      calls++;
+    }
+    it_sleep_ms(100);
+  }
+  IT_CHECK(cs, worst < 2000, "an API call took %lld ms (of %d) while the receiver hangs",
+           (long long)worst, calls);
+  int64_t t0 = it_now_ms();
+  it_resp_t r;
+  long code = decide(st, approver(steps[0], 0), jget(steps[0], "step_id"), false,
+                     "not for this team", &r);
+  IT_CHECK(cs, code == 200 && it_now_ms() - t0 < 2000, "deny while the receiver hangs: %ld in "
+           "%lld ms %s", code, (long long)(it_now_ms() - t0), r.body);
+  it_resp_clear(&r);
+  t0 = it_now_ms();
+  code = decide(st, approver(steps[1], 0), jget(steps[1], "step_id"), true, "ok", &r);
+  IT_CHECK(cs, code == 200 && it_now_ms() - t0 < 2000, "approve while the receiver hangs: %ld "
+           "in %lld ms %s", code, (long long)(it_now_ms() - t0), r.body);
+  it_resp_clear(&r);
+  json_decref(wait_line(cs, st, ids[0], "rejected", 20000));
+  json_decref(wait_line(cs, st, ids[1], "approved", 20000));
+  IT_CHECK(cs, pg_count(st, "SELECT count(*) FROM approval.notifications WHERE status = 'sent'"
+                            " AND request_id IN ('%s','%s','%s')", ids[0], ids[1], ids[2]) == 0,
+           "a notification counted as sent while the receiver hangs");
+
+  it_recorder_set_delay_ms(cx->hooks, 0);
+  char where[400];
+  snprintf(where, sizeof(where), "request_id IN ('%s','%s','%s')", ids[0], ids[1], ids[2]);
+  int64_t deadline = it_now_ms() + 60000;
+  long long left;
+  while ((left = pg_count(st, "SELECT count(*) FROM approval.notifications WHERE %s"
+                              " AND status <> 'sent'", where)) > 0 && it_now_ms() < deadline)
+    it_sleep_ms(200);
+  IT_CHECK(cs, left == 0, "%lld notifications not sent 60 s after the receiver recovered", left);
+  /* Let a duplicate, if any were on its way, arrive. */
+  it_sleep_ms(2000);
+  char sql[600];
+  snprintf(sql, sizeof(sql),
+           "SELECT body, kind, attempts FROM approval.notifications WHERE %s ORDER BY id", where);
+  json_t *rows = it_pg_rows(st, sql);
+  json_t *reqs = it_recorder_requests(cx->hooks, "/hooks");
+  size_t i;
+  json_t *row;
+  int retried = 0;
+  IT_CHECK(cs, json_array_size(rows) >= 5, "3 new steps, a rejection and an approval: %zu rows",
+           json_array_size(rows));
+  json_array_foreach(rows, i, row) {
+    const char *body = json_string_value(json_array_get(row, 0));
+    int n = delivered(reqs, body);
+    IT_CHECK(cs, n == 1, "notification %s delivered %d times: %s",
+             json_string_value(json_array_get(row, 1)), n, body);
+    if (atoi(json_string_value(json_array_get(row, 2))) > 1) retried++;
+  }
+  IT_CHECK(cs, retried > 0, "no notification was tried while the receiver hung");
+  json_decref(rows);
+  json_decref(reqs);
+  for (int k = 0; k < 3; k++) {
+    json_decref(steps[k]);
+    free(ids[k]);
+  }
+}
+
 /* ------------------------------------------------------------ the tests */
 
 Test(approval, routing, .fini = it_fini, .timeout = 900) {
@@ -871,5 +973,29 @@ Test(approval, timers, .fini = it_fini, .timeout = 900) {
   free(port);
   if (all) it_stack_down(st);
   it_redis_stop(redis);
+  it_recorder_stop(hooks);
+}
+
+Test(approval, webhook_hangs, .fini = it_fini, .timeout = 600) {
+  it_recorder_t *hooks = it_recorder_start();
+  char *url = qm_asprintf("QM_APPROVAL_WEBHOOK_URL=%s/hooks/slack", it_recorder_url(hooks));
+  const it_svc_env_t env[] = {
+      {"approval", url},
+      {"approval", "QM_APPROVAL_PEOPLE_FILE=" QM_SOURCE_DIR "/deploy/local/seed/people.json"},
+      {"approval", "QM_PG_POOL_SIZE=1"},
+      {"approval", "QM_APPROVAL_WEBHOOK_TIMEOUT=2s"},
+      {"approval", "QM_APPROVAL_WEBHOOK_BACKOFF=200ms"},
+      {NULL, NULL}};
+  static const char *const services[] = {"intake", "approval", NULL};
+  it_stack_t *st = it_stack_up_env("approval-hang", services, env);
+  ap_ctx_t cx = {.hooks = hooks, .staff = it_token("p-0099", "employee,auditor")};
+  it_cases_t cs;
+  memset(&cs, 0, sizeof(cs));
+  cs.ctx = &cx;
+  it_case_run(&cs, st, "webhook_hangs_api_answers", c_webhook_hangs);
+  bool all = it_cases_report(&cs, "approval webhook hangs");
+  free(cx.staff);
+  free(url);
+  if (all) it_stack_down(st);
   it_recorder_stop(hooks);
 }
