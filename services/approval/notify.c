@@ -33,6 +33,27 @@
 #define NOTIFY_BACKOFF_MAX_MS (10 * 60 * 1000)
 #define NOTIFY_LEASE_MARGIN_MS 10000
 
+/* text with Slack's control characters escaped (&amp; &lt; &gt;, per
+ * api.slack.com/reference/surfaces/formatting#escaping), so what people
+ * wrote (a denial's comment, a break-glass justification) is shown as
+ * written and never read as a mention (<!channel>) or a link. The texts
+ * built here carry no markup of their own. Caller frees. */
+static char *slack_escape(const char *text) {
+  size_t cap = 1;
+  for (const char *p = text; *p; p++) cap += *p == '&' ? 5 : (*p == '<' || *p == '>') ? 4 : 1;
+  char *out = qm_calloc(1, cap), *o = out;
+  for (const char *p = text; *p; p++) {
+    const char *e = *p == '&' ? "&amp;" : *p == '<' ? "&lt;" : *p == '>' ? "&gt;" : NULL;
+    if (e) {
+      memcpy(o, e, strlen(e));
+      o += strlen(e);
+    } else {
+      *o++ = *p;
+    }
+  }
+  return out;
+}
+
 int notify_add(approval_t *ap, qm_pg_t *tx, const char *kind, const char *request_id,
                const char *const *recipients, size_t n, const char *text, char *errstr,
                size_t errstr_size) {
@@ -51,8 +72,10 @@ int notify_add(approval_t *ap, qm_pg_t *tx, const char *kind, const char *reques
   }
   /* Slack incoming-webhook JSON: text for notifications and fallbacks, one
    * mrkdwn section block for the message itself. */
-  json_t *body = json_pack("{s:s, s:[{s:s, s:{s:s, s:s}}]}", "text", text, "blocks", "type",
-                           "section", "text", "type", "mrkdwn", "text", text);
+  char *esc = slack_escape(text);
+  json_t *body = json_pack("{s:s, s:[{s:s, s:{s:s, s:s}}]}", "text", esc, "blocks", "type",
+                           "section", "text", "type", "mrkdwn", "text", esc);
+  free(esc);
   char *body_s = json_dumps(body, JSON_COMPACT);
   char *to_s = NULL;
   {

@@ -839,7 +839,7 @@ static void c_webhook_hangs(it_stack_t *st, it_cases_t *cs) {
   int64_t t0 = it_now_ms();
   it_resp_t r;
   long code = decide(st, approver(steps[0], 0), jget(steps[0], "step_id"), false,
-                     "not for this team", &r);
+                     "<!channel> not for this team & see <https://evil.example|the policy>", &r);
   IT_CHECK(cs, code == 200 && it_now_ms() - t0 < 2000, "deny while the receiver hangs: %ld in "
            "%lld ms %s", code, (long long)(it_now_ms() - t0), r.body);
   it_resp_clear(&r);
@@ -883,6 +883,12 @@ static void c_webhook_hangs(it_stack_t *st, it_cases_t *cs) {
     if (atoi(json_string_value(json_array_get(row, 2))) > 1) retried++;
   }
   IT_CHECK(cs, retried > 0, "no notification was tried while the receiver hung");
+  /* The denial's comment reaches Slack escaped: no mention, no link. */
+  const char *esc[] = {"Rejected (&lt;!channel&gt; not for this team &amp; see "
+                       "&lt;https://evil.example|the policy&gt;)", ids[0], NULL};
+  IT_CHECK(cs, hook_wait(cx->hooks, esc, 1000), "the denial's comment was not escaped for Slack");
+  const char *raw[] = {"<!channel>", NULL};
+  IT_CHECK(cs, !hook_wait(cx->hooks, raw, 0), "a webhook body carries <!channel> unescaped");
   json_decref(rows);
   json_decref(reqs);
   for (int k = 0; k < 3; k++) {
