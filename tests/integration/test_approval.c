@@ -18,6 +18,12 @@
  * instances): separation of duties routed to security; reminder →
  * escalation → auto-reject; an instance killed with timers in flight; a
  * FLUSHALL with timers pending — in both, every timer fires exactly once.
+ *
+ * webhook_hangs (one stack, one pooled connection, 2 s webhook timeout): the
+ * receiver hangs, the API keeps answering promptly and every notification
+ * is delivered once after it recovers; an instance killed while it posts
+ * has its notification taken over at once by the restarted instance;
+ * comments reach Slack escaped.
  */
 #include "harness.h"
 
@@ -897,6 +903,58 @@ static void c_webhook_hangs(it_stack_t *st, it_cases_t *cs) {
   }
 }
 
+/* An instance killed while it posts (the receiver hangs): its claimed
+ * notification is taken over by the restarted instance as soon as the dead
+ * session is gone, well before the lease (10 × 2 s + 10 s) runs out, and is
+ * delivered once when the receiver recovers. */
+static void c_notifier_killed(it_stack_t *st, it_cases_t *cs) {
+  ap_ctx_t *cx = cs->ctx;
+  it_recorder_set_delay_ms(cx->hooks, 60000);
+  char *id = submit(st, "p-0037", "employee", "p-0037", "figma", "editor");
+  json_decref(wait_step(cs, st, id, 1, "pending", 20000));
+  char sql[600];
+  snprintf(sql, sizeof(sql),
+           "SELECT lease_pid, (extract(epoch FROM lease_until) * 1000)::bigint, body"
+           " FROM approval.notifications WHERE request_id = '%s' AND kind = 'step_pending'"
+           " AND lease_until IS NOT NULL",
+           id);
+  json_t *rows = NULL;
+  int64_t deadline = it_now_ms() + 20000;
+  while (json_array_size(rows = it_pg_rows(st, sql)) == 0 && it_now_ms() < deadline) {
+    json_decref(rows);
+    it_sleep_ms(50);
+  }
+  IT_CHECK(cs, json_array_size(rows) == 1, "the notification was never claimed");
+  json_t *row = json_array_get(rows, 0);
+  char *pid = qm_strdup(json_string_value(json_array_get(row, 0)));
+  long long lease_end = atoll(json_string_value(json_array_get(row, 1)));
+  char *body = qm_strdup(json_string_value(json_array_get(row, 2)));
+  json_decref(rows);
+  it_service_kill9(st, "approval");
+  it_service_start(st, "approval");
+  long long taken = 0;
+  while (it_now_ms() < lease_end &&
+         (taken = pg_count(st, "SELECT count(*) FROM approval.notifications WHERE request_id = '%s'"
+                               " AND kind = 'step_pending' AND lease_pid IS DISTINCT FROM %s"
+                               " AND lease_until IS NOT NULL", id, pid)) == 0)
+    it_sleep_ms(50);
+  IT_CHECK(cs, taken == 1, "the dead instance's notification was not taken over before its "
+           "lease ran out");
+  it_recorder_set_delay_ms(cx->hooks, 0);
+  deadline = it_now_ms() + 60000;
+  while (pg_count(st, "SELECT count(*) FROM approval.notifications WHERE request_id = '%s'"
+                      " AND status <> 'sent'", id) > 0 && it_now_ms() < deadline)
+    it_sleep_ms(200);
+  it_sleep_ms(2000); /* a duplicate, if any were on its way */
+  json_t *reqs = it_recorder_requests(cx->hooks, "/hooks");
+  IT_CHECK(cs, delivered(reqs, body) == 1, "the taken-over notification was delivered %d times",
+           delivered(reqs, body));
+  json_decref(reqs);
+  free(body);
+  free(pid);
+  free(id);
+}
+
 /* ------------------------------------------------------------ the tests */
 
 Test(approval, routing, .fini = it_fini, .timeout = 900) {
@@ -999,6 +1057,7 @@ Test(approval, webhook_hangs, .fini = it_fini, .timeout = 600) {
   memset(&cs, 0, sizeof(cs));
   cs.ctx = &cx;
   it_case_run(&cs, st, "webhook_hangs_api_answers", c_webhook_hangs);
+  it_case_run(&cs, st, "notifier_killed_taken_over", c_notifier_killed);
   bool all = it_cases_report(&cs, "approval webhook hangs");
   free(cx.staff);
   free(url);
