@@ -708,8 +708,11 @@ static int do_po_status(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
     }
     if (rc != QM_OK) return rc;
   }
+  /* Only a delivery adds assets (above): any other status receives none,
+   * whatever "assets" the body carries. */
+  int64_t received = !strcmp(status, "delivered") ? (int64_t)json_array_size(assets) : 0;
   qm_pg_param_t u[] = {QM_PG_TEXT(po_id), QM_PG_TEXT(status), QM_PG_INT64(eta),
-                       QM_PG_INT64(json_array_size(assets))};
+                       QM_PG_INT64(received)};
   rc = qm_pg_exec(tx,
                   "WITH po AS (UPDATE purchase_orders SET status = $2,"
                   "  eta_ms = CASE WHEN $3::bigint > 0 THEN $3::bigint ELSE eta_ms END,"

@@ -426,9 +426,13 @@ static void c_backorder_to_delivery(it_stack_t *st, it_cases_t *cs) {
   /* Procurement confirms with an ETA: the line shows it. */
   char path[128], req[600];
   snprintf(path, sizeof(path), "/v1/purchase-orders/%s/status", po);
+  /* Assets listed on a status other than delivered are not received. */
   json_t *j = expect_json(cs, st, "POST", path,
-                          "{\"status\":\"confirmed\",\"estimated_delivery\":\"2030-01-15T09:00:00Z\"}", 200);
+                          "{\"status\":\"confirmed\",\"estimated_delivery\":\"2030-01-15T09:00:00Z\","
+                          "\"assets\":[{\"tag\":\"PH-000901\",\"serial\":\"SN-P-0901\"}]}", 200);
   json_decref(j);
+  snprintf(req, sizeof(req), "SELECT received FROM fulfillment.purchase_orders WHERE po_id = '%s'", po);
+  IT_CHECK(cs, it_pg_int(st, req) == 0, "confirmed PO counts %lld received", it_pg_int(st, req));
   t = task(st, cs, id);
   IT_CHECK(cs, json_integer_value(json_object_get(t, "estimated_delivery_ms")) == 1894698000000LL,
            "eta %s", json_dumps(t, 0));
@@ -447,6 +451,8 @@ static void c_backorder_to_delivery(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, !strcmp(jstr(t, "step"), "queued") && !strcmp(jstr(t, "asset_tag"), "PH-000900"),
            "after delivery: %s", json_dumps(t, 0));
   json_decref(t);
+  snprintf(req, sizeof(req), "SELECT received FROM fulfillment.purchase_orders WHERE po_id = '%s'", po);
+  IT_CHECK(cs, it_pg_int(st, req) == 1, "delivered PO counts %lld received", it_pg_int(st, req));
   /* Staged, shipped through the carrier, delivered (signed webhook). */
   char trk[32];
   next_tracking(cs, trk, sizeof(trk));
