@@ -93,7 +93,8 @@ static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
       " (SELECT o.last_error FROM grant_ops o WHERE o.grant_id = g.grant_id ORDER BY o.id DESC LIMIT 1) AS last_error,"
       " g.seq,"
       " coalesce(to_char(g.revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), '') AS revoked_at,"
-      " coalesce(g.revoke_reason, '') AS revoke_reason FROM grants g"
+      " coalesce(g.revoke_reason, '') AS revoke_reason,"
+      " coalesce(g.revoke_comment, '') AS revoke_comment FROM grants g"
       " WHERE ($1::text IS NULL OR g.person_id = $1) AND ($2::text IS NULL OR g.item_id = $2)"
       " AND ($3::text IS NULL OR g.state = $3) AND ($4::bigint = 0 OR g.seq < $4)"
       " ORDER BY g.seq DESC LIMIT $5::int",
@@ -122,6 +123,8 @@ static void list_grants(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     if (*qm_pg_get(res, i, 15)) json_object_set_new(g, "revoked_at", json_string(qm_pg_get(res, i, 15)));
     if (*qm_pg_get(res, i, 16))
       json_object_set_new(g, "revoke_reason", json_string(qm_pg_get(res, i, 16)));
+    if (*qm_pg_get(res, i, 17))
+      json_object_set_new(g, "revoke_comment", json_string(qm_pg_get(res, i, 17)));
     if (!qm_pg_is_null(res, i, 13)) {
       json_object_set_new(g, "operation_id", json_string(qm_pg_get(res, i, 12)));
       json_object_set_new(g, "last_error", json_string(qm_pg_get(res, i, 13)));
@@ -189,6 +192,7 @@ typedef struct revoke_ctx {
   prov_t *prov;
   const char *grant_id;
   const char *reason;
+  const char *comment;
   Qm__V1__Actor *actor;
   int queued;
   char state[16];
@@ -199,7 +203,7 @@ static int revoke_tx(qm_service_t *svc, qm_pg_t *tx, void *arg, char *errstr,
   QM_UNUSED(svc);
   revoke_ctx_t *rc_ = arg;
   int rc = prov_revoke_queue(rc_->prov, tx, NULL, rc_->grant_id, NULL, NULL, rc_->reason,
-                             rc_->actor, &rc_->queued, errstr, errstr_size);
+                             rc_->comment, rc_->actor, &rc_->queued, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   qm_pg_param_t p[] = {QM_PG_TEXT(rc_->grant_id)};
   qm_pg_result_t *res = NULL;
@@ -212,9 +216,20 @@ static int revoke_tx(qm_service_t *svc, qm_pg_t *tx, void *arg, char *errstr,
   return QM_OK;
 }
 
+#define REVOKE_REASON_MAX 500
+
+/* Characters (code points) of a UTF-8 string: jansson has checked it. */
+static size_t utf8_chars(const char *s) {
+  size_t n = 0;
+  for (; *s; s++)
+    if (((unsigned char)*s & 0xC0) != 0x80) n++;
+  return n;
+}
+
 /* POST /v1/grants/{id}/revoke {"reason": "..."} — an administrator takes a
  * grant away. The revocation is queued like any other (AccessRevoked with
- * reason "admin" and the administrator as actor once the directory agrees);
+ * reason "admin", the administrator as actor and the body's reason as its
+ * comment once the directory agrees; the grant keeps it as revoke_comment);
  * 202 with the grant id, 404 for an unknown grant, 409 when it is revoked
  * or being revoked already. it_admin only. */
 static void revoke_grant(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
@@ -237,19 +252,29 @@ static void revoke_grant(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     qm_http_resp_problem(resp, pb);
     return;
   }
-  json_t *why = body ? json_object_get(body, "comment") : NULL;
-  if (why && !json_is_string(why)) {
+  /* "reason" (documented); "comment" is its older alias. */
+  json_t *reason = body ? json_object_get(body, "reason") : NULL;
+  json_t *alias = body ? json_object_get(body, "comment") : NULL;
+  const char *field = reason ? "reason" : "comment";
+  json_t *why = reason ? reason : alias;
+  const char *bad = NULL;
+  if (reason && alias) bad = "give either reason or comment (its alias), not both";
+  else if (why && !json_is_string(why)) bad = "must be a string";
+  else if (why && utf8_chars(json_string_value(why)) > REVOKE_REASON_MAX)
+    bad = "must be at most 500 characters";
+  if (bad) {
     qm_problem_t *pb = qm_problem_new(400, "validation", "Invalid body");
-    qm_problem_field(pb, "comment", "must be a string");
+    qm_problem_field(pb, reason && alias ? "comment" : field, bad);
     qm_http_resp_problem(resp, pb);
     return;
   }
+  const char *comment = why ? json_string_value(why) : NULL;
   Qm__V1__Actor actor = QM__V1__ACTOR__INIT;
   actor.person_id = (char *)who->sub;
   char *roles[] = {(char *)"it_admin"};
   actor.n_roles = 1;
   actor.roles = roles;
-  revoke_ctx_t rc_ = {prov, id, "admin", &actor, 0, ""};
+  revoke_ctx_t rc_ = {prov, id, "admin", comment, &actor, 0, ""};
   char errstr[512];
   int rc = qm_service_tx(prov->svc, 5000, revoke_tx, &rc_, errstr, sizeof(errstr));
   if (rc != QM_OK) {
@@ -268,8 +293,8 @@ static void revoke_grant(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     return;
   }
   qm_log(QM_LOG_INFO, qm_http_req_id(req), qm_http_req_trace_id(req),
-         "grant %s: revocation requested by %s%s%s", id, who->sub, why ? ": " : "",
-         why ? json_string_value(why) : "");
+         "grant %s: revocation requested by %s%s%s", id, who->sub, comment ? ": " : "",
+         comment ? comment : "");
   qm_http_resp_json(resp, 202, json_pack("{s:s, s:s, s:s}", "grant_id", id, "state", rc_.state,
                                          "revocation", "queued"));
 }

@@ -144,6 +144,10 @@ static const qm_migration_t migrations[] = {
     {8, "drift repairs recorded before they are made",
      "ALTER TABLE drift_findings ADD COLUMN repair_started_at timestamptz,"
      " ADD COLUMN repair_finished_at timestamptz;"},
+    /* An administrator's reason for a revocation, kept and announced. */
+    {9, "revocation comment",
+     "ALTER TABLE grant_ops ADD COLUMN comment text;"
+     "ALTER TABLE grants ADD COLUMN revoke_comment text;"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -372,7 +376,8 @@ static int on_request_event(prov_t *prov, qm_pg_t *tx, const qm_event_in_t *ev, 
     } else {
       int queued = 0;
       rc = prov_revoke_queue(prov, tx, rr->subject_person_id, NULL, rr->item_id, rr->role_id,
-                             revoke_reason(rr->reason), rr->actor, &queued, errstr, errstr_size);
+                             revoke_reason(rr->reason), NULL, rr->actor, &queued, errstr,
+                             errstr_size);
       if (rc == QM_OK)
         qm_log(QM_LOG_INFO, rr->request_id, NULL,
                "revocation of %s/%s for %s (%s): %d grant(s) queued", rr->item_id,

@@ -83,11 +83,14 @@ void prov_workers_stop(prov_t *prov);
 /* revoke.c: queue revoke operations for every matching grant that is held
  * or on its way (pending, active, failed) and not already being revoked.
  * NULL filters match anything; at least one of person_id and grant_id must
- * be given. actor is packed into the operation for AccessRevoked. Runs in
- * the caller's transaction. *queued (may be NULL) receives how many. */
+ * be given. actor is packed into the operation for AccessRevoked; comment
+ * (NULL or "" for none) is stored with the grant and the operation and
+ * carried by AccessRevoked. Runs in the caller's transaction. *queued (may
+ * be NULL) receives how many. */
 int prov_revoke_queue(prov_t *prov, qm_pg_t *tx, const char *person_id, const char *grant_id,
                       const char *item_id, const char *role_id, const char *reason,
-                      const Qm__V1__Actor *actor, int *queued, char *errstr, size_t errstr_size);
+                      const char *comment, const Qm__V1__Actor *actor, int *queued, char *errstr,
+                      size_t errstr_size);
 
 /* Starts deprovisioning a leaver whose leavers row is due: every grant
  * queued for revocation with reason "leaver", the row marked started (and

@@ -19,7 +19,8 @@
 
 int prov_revoke_queue(prov_t *prov, qm_pg_t *tx, const char *person_id, const char *grant_id,
                       const char *item_id, const char *role_id, const char *reason,
-                      const Qm__V1__Actor *actor, int *queued, char *errstr, size_t errstr_size) {
+                      const char *comment, const Qm__V1__Actor *actor, int *queued, char *errstr,
+                      size_t errstr_size) {
   QM_UNUSED(prov);
   if (!person_id && !grant_id)
     return qm_err(errstr, errstr_size, QM_EINVAL, "revoke needs a person or a grant");
@@ -35,11 +36,12 @@ int prov_revoke_queue(prov_t *prov, qm_pg_t *tx, const char *person_id, const ch
                        item_id && *item_id ? QM_PG_TEXT(item_id) : QM_PG_NULL,
                        role_id && *role_id ? QM_PG_TEXT(role_id) : QM_PG_NULL,
                        QM_PG_TEXT(reason),
-                       abuf ? QM_PG_BYTES(abuf, alen) : QM_PG_NULL};
+                       abuf ? QM_PG_BYTES(abuf, alen) : QM_PG_NULL,
+                       comment && *comment ? QM_PG_TEXT(comment) : QM_PG_NULL};
   qm_pg_result_t *res = NULL;
   int rc = qm_pg_exec(
       tx,
-      "WITH g AS (UPDATE grants SET revoke_reason = $5, updated_at = now()"
+      "WITH g AS (UPDATE grants SET revoke_reason = $5, revoke_comment = $7, updated_at = now()"
       " WHERE ($1::text IS NULL OR person_id = $1) AND ($2::text IS NULL OR grant_id = $2)"
       " AND ($3::text IS NULL OR item_id = $3) AND ($4::text IS NULL OR role_id = $4)"
       " AND state IN ('pending', 'active', 'failed') AND revoke_reason IS NULL"
@@ -51,8 +53,8 @@ int prov_revoke_queue(prov_t *prov, qm_pg_t *tx, const char *person_id, const ch
       "  last_error = 'cancelled: revoked (' || $5 || ') before it was applied'"
       "  FROM g WHERE o.grant_id = g.grant_id AND o.op = 'grant' AND o.state = 'pending'"
       "  AND o.lease_until IS NULL RETURNING o.id)"
-      " INSERT INTO grant_ops (grant_id, op, person_id, grp, state, reason, actor)"
-      " SELECT grant_id, 'revoke', person_id, grp, 'pending', $5, $6 FROM g",
+      " INSERT INTO grant_ops (grant_id, op, person_id, grp, state, reason, actor, comment)"
+      " SELECT grant_id, 'revoke', person_id, grp, 'pending', $5, $6, $7 FROM g",
       p, QM_ARRAY_LEN(p), &res, errstr, errstr_size);
   free(abuf);
   if (rc != QM_OK) return rc;
@@ -67,7 +69,7 @@ int prov_leaver_start(prov_t *prov, qm_pg_t *tx, const char *person_id, char *er
   Qm__V1__Actor actor = QM__V1__ACTOR__INIT;
   actor.service = (char *)"provisioning";
   int queued = 0;
-  int rc = prov_revoke_queue(prov, tx, person_id, NULL, NULL, NULL, "leaver", &actor, &queued,
+  int rc = prov_revoke_queue(prov, tx, person_id, NULL, NULL, NULL, "leaver", NULL, &actor, &queued,
                              errstr, errstr_size);
   if (rc != QM_OK) return rc;
   /* With nothing to revoke, the leaver is complete at once. */

@@ -62,7 +62,7 @@ static int fire_expire(prov_t *prov, qm_pg_t *tx, const qm_timer_t *t, char *err
   qm_pg_result_destroy(res);
   if (!due) return QM_OK;
   int queued = 0;
-  rc = prov_revoke_queue(prov, tx, NULL, t->owner_key, NULL, NULL, "expired", &actor, &queued,
+  rc = prov_revoke_queue(prov, tx, NULL, t->owner_key, NULL, NULL, "expired", NULL, &actor, &queued,
                          errstr, errstr_size);
   if (rc == QM_OK && queued)
     qm_log(QM_LOG_INFO, NULL, NULL, "grant %s expired; revocation queued", t->owner_key);

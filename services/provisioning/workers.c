@@ -41,6 +41,7 @@ typedef struct grant_op {
   size_t approved_len;
   unsigned char *actor; /* packed Actor of a revoke, or NULL */
   size_t actor_len;
+  char *comment; /* a revoke's free text (owned), "" for none */
 } grant_op_t;
 
 typedef struct worker_ctx {
@@ -84,7 +85,8 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
       " RETURNING o.id, o.op, o.attempts, g.grant_id, g.request_id, g.line_no, g.person_id,"
       " g.directory_username, g.item_id, g.role_id, g.grp, g.connector, g.duration_days,"
       " g.approved, coalesce(g.traceparent, '') AS traceparent, coalesce(o.reason, '') AS reason,"
-      " o.actor, coalesce(g.directory_user_id, '') AS dir_user_id,"
+      " o.actor, coalesce(o.comment, '') AS comment,"
+      " coalesce(g.directory_user_id, '') AS dir_user_id,"
       " coalesce(g.directory_group_id, '') AS dir_group_id",
       p, 3, &res, errstr, sizeof(errstr));
   if (rc != QM_OK) {
@@ -118,6 +120,7 @@ static int claim(prov_t *prov, qm_pg_t *pg, grant_op_t *ops) {
     copy_field(res, i, "dir_user_id", o->dir_user_id, sizeof(o->dir_user_id));
     copy_field(res, i, "dir_group_id", o->dir_group_id, sizeof(o->dir_group_id));
     qm_pg_get_bytes(res, i, qm_pg_fnumber(res, "approved"), &o->approved, &o->approved_len);
+    o->comment = qm_strdup(qm_pg_get(res, i, qm_pg_fnumber(res, "comment")));
     if (!qm_pg_is_null(res, i, qm_pg_fnumber(res, "actor")))
       qm_pg_get_bytes(res, i, qm_pg_fnumber(res, "actor"), &o->actor, &o->actor_len);
   }
@@ -381,6 +384,7 @@ static int finish_revoked(prov_t *prov, qm_pg_t *pg, const grant_op_t *o, char *
     ar.connector = (char *)o->connector;
     ar.reason = (char *)o->reason;
     ar.revoked_at_ms = revoked_ms;
+    ar.comment = o->comment ? o->comment : (char *)"";
     Qm__V1__Actor *actor = o->actor ? qm__v1__actor__unpack(NULL, o->actor_len, o->actor) : NULL;
     Qm__V1__Actor svc_actor = QM__V1__ACTOR__INIT;
     svc_actor.service = (char *)"provisioning";
@@ -605,6 +609,7 @@ static void *worker_main(void *arg) {
     for (int i = 0; i < n; i++) {
       free(ops[i].approved);
       free(ops[i].actor);
+      free(ops[i].comment);
     }
     if (n <= 0) {
       int64_t until = qm_mono_ms() + poll;

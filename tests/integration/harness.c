@@ -1604,6 +1604,7 @@ static void decode_access_event(const qm_event_in_t *ev, json_t *o) {
                            "role_id", m->role_id, "group", m->group, "connector", m->connector,
                            "reason", m->reason, "actor_person_id",
                            m->actor ? m->actor->person_id : ""));
+    json_object_set_new(o, "comment", json_string(m->comment ? m->comment : ""));
     break;
   }
   case QM__V1__ACCESS_EVENT__EVENT_FAILED: {

@@ -290,7 +290,7 @@ void it_date(int days_from_today, char *out, size_t cap);
  * (request_id, grant_id, subject_person_id, item_id, role_id, group,
  * connector, granted_at_ms, expires_at_ms, extension) | "revoked" (request_id,
  * grant_id, subject_person_id, item_id, role_id, group, connector, reason,
- * actor_person_id) | "failed" (request_id, subject_person_id, operation,
+ * actor_person_id, comment) | "failed" (request_id, subject_person_id, operation,
  * group, operation_id, error, attempts, retryable) | "expiry_notice"
  * (request_id, grant_id, subject_person_id, expires_at_ms) | "drift" (group,
  * connector, finding, directory_user_id, subject_person_id, grant_id,

@@ -205,7 +205,8 @@ static void c_admin_revoke(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, r.status == 202, "admin revoke: %ld %s", r.status, r.body);
   it_resp_clear(&r);
   snprintf(pat, sizeof(pat),
-           "{\"event\":\"revoked\",\"grant_id\":\"%s\",\"reason\":\"admin\",\"actor_person_id\":\"p-0001\"}",
+           "{\"event\":\"revoked\",\"grant_id\":\"%s\",\"reason\":\"admin\",\"actor_person_id\":\"p-0001\","
+           "\"comment\":\"left the project\"}",
            gid);
   want_events(cs, c, pat, 1);
   json_t *m = it_scim_members(st, "app-slack-user");
@@ -238,6 +239,41 @@ static void c_admin_revoke(it_stack_t *st, it_cases_t *cs) {
   IT_CHECK(cs, r.status == 200 && json_array_size(json_object_get(r.json, "items")) == 1,
            "GET /v1/grants?item_id=slack&state=active: %ld %s", r.status, r.body);
   it_resp_clear(&r);
+  free(gid);
+  /* "reason" (the documented name): validated, stored, announced. */
+  gid = grant_of(st, r2);
+  IT_CHECK(cs, gid != NULL, "no grant row for %s", r2);
+  snprintf(path, sizeof(path), "/v1/grants/%s/revoke", gid);
+  char *long_reason = qm_malloc(520);
+  memset(long_reason, 'x', 501);
+  long_reason[501] = '\0';
+  char *too_long = qm_asprintf("{\"reason\":\"%s\"}", long_reason);
+  free(long_reason);
+  const char *bad[] = {"{\"reason\":42}", too_long, "{\"reason\":\"a\",\"comment\":\"b\"}",
+                       "{\"comment\":[]}"};
+  const char *names[] = {"\"reason\"", "\"reason\"", "\"comment\"", "\"comment\""};
+  for (size_t i = 0; i < 4; i++) {
+    it_http(st, "provisioning", "POST", path, c->admin, bad[i], NULL, &r);
+    bool named = r.status == 400 && r.body && strstr(r.body, names[i]);
+    char shown[300];
+    qm_strlcpy(shown, r.body ? r.body : "", sizeof(shown));
+    it_resp_clear(&r);
+    IT_CHECK(cs, named, "revoke body #%zu: expected a 400 naming %s, got %s", i, names[i], shown);
+  }
+  free(too_long);
+  it_http(st, "provisioning", "POST", path, c->admin, "{\"reason\":\"contract ended \u2013 ticket 42\"}",
+          NULL, &r);
+  IT_CHECK(cs, r.status == 202, "admin revoke with a reason: %ld %s", r.status, r.body);
+  it_resp_clear(&r);
+  snprintf(pat, sizeof(pat),
+           "{\"event\":\"revoked\",\"grant_id\":\"%s\",\"reason\":\"admin\","
+           "\"comment\":\"contract ended \u2013 ticket 42\"}", gid);
+  want_events(cs, c, pat, 1);
+  it_http(st, "provisioning", "GET", "/v1/grants?person_id=p-0213", c->admin, NULL, NULL, &r);
+  g0 = json_array_get(json_object_get(r.json, "items"), 0);
+  bool kept = r.status == 200 && str_is(g0, "revoke_comment", "contract ended \u2013 ticket 42");
+  it_resp_clear(&r);
+  IT_CHECK(cs, kept, "the grant does not keep the administrator's reason as revoke_comment");
   free(gid);
 }
 
