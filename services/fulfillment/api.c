@@ -17,6 +17,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -598,11 +600,15 @@ static void carrier_webhook(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx)
   const char *ts = qm_http_req_header(req, "X-QM-Timestamp");
   const char *sig = qm_http_req_header(req, "X-QM-Signature");
   char *end = NULL;
+  errno = 0;
   long long t = ts ? strtoll(ts, &end, 10) : 0;
-  long long skew = t * 1000 - qm_now_ms();
-  if (!ts || !*ts || *end || skew > qm_config_ms(cfg, "QM_CARRIER_WEBHOOK_TOLERANCE") ||
-      -skew > qm_config_ms(cfg, "QM_CARRIER_WEBHOOK_TOLERANCE") ||
-      !signature_ok(qm_config_str(cfg, "QM_CARRIER_WEBHOOK_SECRET"), ts, raw ? raw : "", len, sig)) {
+  /* Bounded before it is scaled: t * 1000 must not overflow (unix seconds
+   * beyond year 9999 or before 1970 are refused as stale anyway). */
+  bool in_range = ts && *ts && !*end && errno == 0 && t >= 0 && t <= 253402300799LL;
+  long long skew = in_range ? t * 1000 - qm_now_ms() : 0;
+  int64_t tolerance = qm_config_ms(cfg, "QM_CARRIER_WEBHOOK_TOLERANCE");
+  if (!in_range || skew > tolerance || -skew > tolerance ||
+      !signature_ok(ff->webhook_secret, ts, raw ? raw : "", len, sig)) {
     qm_log(QM_LOG_WARN, qm_http_req_id(req), qm_http_req_trace_id(req),
            "carrier webhook refused: missing, stale or bad signature (check "
            "QM_CARRIER_WEBHOOK_SECRET matches the carrier's)");

@@ -28,6 +28,8 @@
 
 #define FF_MAX_WORKERS 16
 #define FF_MAX_SLAS 16
+/* The carrier webhook secret QM_DEV_INSECURE=1 falls back to (refused otherwise). */
+#define FF_DEV_WEBHOOK_SECRET "dev-carrier-webhook-secret"
 
 typedef struct ff_sla {
   char item_type[32]; /* "*" matches every other type */
@@ -41,6 +43,7 @@ typedef struct ff {
   int64_t onsite_lead_ms;      /* QM_ONSITE_LEAD */
   bool reship;                 /* QM_FAILED_DELIVERY = reship (else reassign) */
   int64_t loan_max_ms;         /* QM_LOAN_MAX_PERIOD */
+  const char *webhook_secret;  /* QM_CARRIER_WEBHOOK_SECRET (the config owns it) */
   ff_sla_t slas[FF_MAX_SLAS];
   size_t n_slas;
   pthread_t workers[FF_MAX_WORKERS];

@@ -194,9 +194,15 @@ static const qm_cfg_def_t config[] = {
     {"QM_CARRIER_TOKEN", QM_CFG_STR, "", "Bearer token for the carrier (empty: none).", 0, 0,
      QM_CFG_SECRET},
     {"QM_CARRIER_NAME", QM_CFG_STR, "carrier", "Carrier name shown on shipments.", 0, 0, 0},
-    {"QM_CARRIER_WEBHOOK_SECRET", QM_CFG_STR, "dev-carrier-webhook-secret",
-     "HMAC-SHA256 key of tracking webhooks (X-QM-Signature: sha256=hex of '<X-QM-Timestamp>.<body>').",
+    {"QM_CARRIER_WEBHOOK_SECRET", QM_CFG_STR, "",
+     "HMAC-SHA256 key of tracking webhooks (X-QM-Signature: sha256=hex of '<X-QM-Timestamp>.<body>'). "
+     "Required: without it (or set to the well-known " FF_DEV_WEBHOOK_SECRET ") the service "
+     "refuses to start, unless QM_DEV_INSECURE is set.",
      0, 0, QM_CFG_SECRET},
+    {"QM_DEV_INSECURE", QM_CFG_BOOL, "false",
+     "Development only: start without QM_CARRIER_WEBHOOK_SECRET, using the well-known "
+     FF_DEV_WEBHOOK_SECRET " (anyone can forge tracking updates; a warning is logged).",
+     0, 0, 0},
     {"QM_CARRIER_WEBHOOK_TOLERANCE", QM_CFG_MS, "5m",
      "How far a webhook's X-QM-Timestamp may be from now (replay window).", 1000, 86400000, 0},
     {"QM_OUTBOUND_TIMEOUT", QM_CFG_MS, "10s", "Bound on one procurement or carrier call.", 100,
@@ -387,9 +393,21 @@ static int init(qm_service_t *svc, void **app, char *errstr, size_t errstr_size)
     goto fail;
   }
   serial_re = true;
-  if (!strcmp(qm_config_str(cfg, "QM_CARRIER_WEBHOOK_SECRET"), "dev-carrier-webhook-secret"))
-    qm_log_warn("QM_CARRIER_WEBHOOK_SECRET is the development default: anyone can forge tracking "
-                "updates; set the secret agreed with the carrier outside a laptop");
+  const char *secret = qm_config_str(cfg, "QM_CARRIER_WEBHOOK_SECRET");
+  if (!*secret || !strcmp(secret, FF_DEV_WEBHOOK_SECRET)) {
+    if (!qm_config_bool(cfg, "QM_DEV_INSECURE")) {
+      rc = qm_err(errstr, errstr_size, QM_EINVAL,
+                  "QM_CARRIER_WEBHOOK_SECRET is %s: set the secret agreed with the carrier "
+                  "(tracking webhooks are authenticated with it), or QM_DEV_INSECURE=1 on a "
+                  "development machine",
+                  *secret ? "the well-known development value" : "not set");
+      goto fail;
+    }
+    secret = FF_DEV_WEBHOOK_SECRET;
+    qm_log_warn("QM_CARRIER_WEBHOOK_SECRET is the development value " FF_DEV_WEBHOOK_SECRET
+                " (QM_DEV_INSECURE): anyone can forge tracking updates; never outside a laptop");
+  }
+  ff->webhook_secret = secret;
   curl_global_init(CURL_GLOBAL_DEFAULT);
   qm_metrics_t *reg = qm_service_metrics(svc);
   ff->m_reservations = qm_metrics_counter(reg, "qm_fulfillment_reservations_total",

@@ -134,13 +134,12 @@ static void next_tracking(it_cases_t *cs, char *out, size_t n) {
   it_recorder_set_response(ctx_of(cs)->rec, "/shipments", 201, body);
 }
 
-/* A tracking update signed with secret, its timestamp skew_s seconds off now. */
-static long webhook_at(it_stack_t *st, const char *tracking, const char *status, const char *reason,
-                       const char *secret, long skew_s, it_resp_t *r) {
-  char body[300], ts[32], sig[80], hdr_ts[64], hdr_sig[128];
+/* A tracking update signed with secret, X-QM-Timestamp ts (as sent). */
+static long webhook_ts(it_stack_t *st, const char *tracking, const char *status, const char *reason,
+                       const char *secret, const char *ts, it_resp_t *r) {
+  char body[300], sig[80], hdr_ts[64], hdr_sig[128];
   snprintf(body, sizeof(body), "{\"tracking_number\":\"%s\",\"status\":\"%s\",\"reason\":\"%s\"}",
            tracking, status, reason);
-  snprintf(ts, sizeof(ts), "%lld", (long long)time(NULL) + skew_s);
   char msg[400];
   snprintf(msg, sizeof(msg), "%s.%s", ts, body);
   unsigned char mac[32];
@@ -152,6 +151,14 @@ static long webhook_at(it_stack_t *st, const char *tracking, const char *status,
   snprintf(hdr_sig, sizeof(hdr_sig), "X-QM-Signature: %s", sig);
   const char *hdrs[] = {hdr_ts, hdr_sig, NULL};
   return it_http(st, "fulfillment", "POST", "/v1/webhooks/carrier", NULL, body, hdrs, r);
+}
+
+/* A tracking update signed with secret, its timestamp skew_s seconds off now. */
+static long webhook_at(it_stack_t *st, const char *tracking, const char *status, const char *reason,
+                       const char *secret, long skew_s, it_resp_t *r) {
+  char ts[32];
+  snprintf(ts, sizeof(ts), "%lld", (long long)time(NULL) + skew_s);
+  return webhook_ts(st, tracking, status, reason, secret, ts, r);
 }
 
 static long webhook(it_stack_t *st, const char *tracking, const char *status, const char *reason,
@@ -469,6 +476,13 @@ static void c_backorder_to_delivery(it_stack_t *st, it_cases_t *cs) {
   it_resp_clear(&r);
   got = webhook_at(st, trk, "delivered", "", WEBHOOK_SECRET, -3600, &r); /* a replay, an hour old */
   IT_CHECK(cs, got == 401, "stale signature answered %ld", got);
+  it_resp_clear(&r);
+  /* A timestamp whose milliseconds wrap a 64-bit integer round to about
+   * now (2^64 / 1000 + now + 1 seconds): refused, never "within tolerance". */
+  char wrap[40];
+  snprintf(wrap, sizeof(wrap), "%llu", 18446744073709551ULL + (unsigned long long)time(NULL) + 1);
+  got = webhook_ts(st, trk, "delivered", "", WEBHOOK_SECRET, wrap, &r);
+  IT_CHECK(cs, got == 401, "timestamp %s answered %ld %s", wrap, got, r.body);
   it_resp_clear(&r);
   json_t *still = task(st, cs, id);
   IT_CHECK(cs, !strcmp(jstr(still, "step"), "shipped"), "a refused webhook changed the task");
@@ -1093,13 +1107,32 @@ static void c_inventory_seed(it_stack_t *st, it_cases_t *cs) {
   char *file = qm_asprintf("QM_FULFILLMENT_INVENTORY_FILE=%s/inv.json", dir);
   char *prefix = qm_asprintf("QM_TOPIC_PREFIX=%s", it_stack_prefix(st));
   const char *argv[] = {QM_BINARY_DIR "/services/qm-fulfillment", NULL};
-  const char *envx[] = {dsn, file, prefix, "QM_HTTP_PORT=65011", NULL}; /* never bound: the seed fails first */
+  /* QM_DEV_INSECURE lets it start without a webhook secret: it gets as far
+   * as the seed. */
+  const char *envx[] = {dsn, file, prefix, "QM_HTTP_PORT=65011", "QM_DEV_INSECURE=1",
+                        NULL}; /* never bound: the seed fails first */
   char *out = NULL, *err = NULL;
   int rc = it_run(argv, envx, 60000, &out, &err);
   IT_CHECK(cs, rc == 2 && ((err && strstr(err, "line 2: serial")) || (out && strstr(out, "line 2: serial"))),
            "bad seed: exit %d, %s %s", rc, out ? out : "", err ? err : "");
   free(out);
   free(err);
+  /* Without a carrier webhook secret, or with the well-known development
+   * one, it refuses to start (exit 2, naming the variable). */
+  const char *nosecret[] = {dsn, prefix, "QM_HTTP_PORT=65011", NULL};
+  const char *devsecret[] = {dsn, prefix, "QM_HTTP_PORT=65011",
+                             "QM_CARRIER_WEBHOOK_SECRET=dev-carrier-webhook-secret", NULL};
+  const char *const *runs[] = {nosecret, devsecret};
+  static const char *const why[] = {"QM_CARRIER_WEBHOOK_SECRET is not set",
+                                    "QM_CARRIER_WEBHOOK_SECRET is the well-known development value"};
+  for (int k = 0; k < 2; k++) {
+    out = err = NULL;
+    rc = it_run(argv, runs[k], 60000, &out, &err);
+    IT_CHECK(cs, rc == 2 && ((err && strstr(err, why[k])) || (out && strstr(out, why[k]))),
+             "webhook secret run %d: exit %d, %s %s", k, rc, out ? out : "", err ? err : "");
+    free(out);
+    free(err);
+  }
   free(dsn);
   free(file);
   free(prefix);
