@@ -2,8 +2,10 @@
  * loans: the loaner pool (projectors, test phones, spare laptops: assets of
  * models marked loaner). A booking is future-dated [start, end); it is
  * refused when longer than QM_LOAN_MAX_PERIOD, and placed on a loaner of the
- * model with no overlapping booking — the candidates are locked (FOR UPDATE)
- * before the overlap check, so two bookings never overlap on one asset.
+ * model with no overlapping booking. The candidates are locked (FOR UPDATE)
+ * and then, in a second statement (a fresh snapshot), checked for overlaps;
+ * the exclusion constraint loans_no_overlap (migration 6, btree_gist) makes
+ * an overlap impossible whatever the code does.
  * A "loan_overdue" timer at the end sends the reminder when it is not back.
  */
 #include "fulfillment.h"
@@ -70,28 +72,58 @@ static json_t *loan_json(qm_pg_t *tx, const char *loan_id) {
   return j;
 }
 
+/* Inserts the booking of asset (text id) in a savepoint; *taken says the
+ * exclusion constraint loans_no_overlap refused it (another booking of that
+ * asset overlapping the period committed first), the savepoint then undone. */
+static int insert_loan(qm_pg_t *tx, const loan_call_t *c, const char *loan_id, const char *asset,
+                       bool *taken, char *errstr, size_t errstr_size) {
+  *taken = false;
+  int rc = qm_pg_savepoint(tx, "ff_book", errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t q[] = {QM_PG_TEXT(loan_id), QM_PG_TEXT(asset), QM_PG_TEXT(c->person),
+                       QM_PG_INT64(c->start), QM_PG_INT64(c->end), QM_PG_TEXT(c->actor)};
+  rc = qm_pg_exec(tx,
+                  "INSERT INTO loans (loan_id, asset_id, person_id, starts_ms, ends_ms, booked_by)"
+                  " VALUES ($1, $2::bigint, $3, $4::bigint, $5::bigint, $6)",
+                  q, 6, NULL, errstr, errstr_size);
+  if (rc != QM_OK && !strcmp(qm_pg_last_sqlstate(tx), "23P01")) { /* exclusion_violation */
+    *taken = true;
+    return qm_pg_rollback_to(tx, "ff_book", errstr, errstr_size);
+  }
+  if (rc != QM_OK) return rc;
+  return qm_pg_release(tx, "ff_book", errstr, errstr_size);
+}
+
 static int do_book(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size_t errstr_size) {
   QM_UNUSED(svc);
   loan_call_t *c = ctx;
-  /* Lock every loaner of the model (or the one asked for), then take the
-   * first with no booking overlapping [start, end). */
+  /* First lock every loaner of the model (or the one asked for); then, in a
+   * second statement, look for overlapping bookings. At READ COMMITTED each
+   * statement takes a new snapshot, so a booking committed by the
+   * transaction we waited on for the lock is seen here (checked in the
+   * locking statement itself, it would not be). The exclusion constraint
+   * loans_no_overlap backs this up: an insert it refuses moves on to the
+   * next free candidate. */
   qm_pg_param_t p[] = {QM_PG_TEXT(c->model), QM_PG_TEXT(c->tag), QM_PG_INT64(c->start),
                        QM_PG_INT64(c->end)};
+  static const char candidates[] =
+      " FROM assets a JOIN models m USING (model_id) WHERE m.loaner AND a.status <> 'retired'"
+      " AND ($1::text IS NULL OR a.model_id = $1) AND ($2::text IS NULL OR a.tag = $2)"
+      " AND $3::bigint IS NOT NULL AND $4::bigint IS NOT NULL";
   qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(tx,
-                      "WITH c AS (SELECT a.asset_id, a.tag FROM assets a JOIN models m USING (model_id)"
-                      "  WHERE m.loaner AND a.status <> 'retired'"
-                      "  AND ($1::text IS NULL OR a.model_id = $1) AND ($2::text IS NULL OR a.tag = $2)"
-                      "  ORDER BY a.asset_id FOR UPDATE OF a)"
-                      " SELECT c.asset_id, c.tag, (SELECT json_agg(json_build_object('id', l.loan_id,"
-                      "  'starts_ms', l.starts_ms, 'ends_ms', l.ends_ms)) FROM loans l"
-                      "  WHERE l.asset_id = c.asset_id AND l.state IN ('booked', 'out')"
-                      "  AND l.starts_ms < $4::bigint AND l.ends_ms > $3::bigint)::text FROM c",
-                      p, 4, &res, errstr, errstr_size);
+  char sql[1400];
+  snprintf(sql, sizeof(sql), "SELECT a.asset_id%s ORDER BY a.asset_id FOR UPDATE OF a", candidates);
+  int rc = qm_pg_exec(tx, sql, p, 4, NULL, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  int n = qm_pg_ntuples(res), free_row = -1;
-  for (int i = 0; i < n && free_row < 0; i++)
-    if (qm_pg_is_null(res, i, 2)) free_row = i;
+  snprintf(sql, sizeof(sql),
+           "SELECT a.asset_id, a.tag, (SELECT json_agg(json_build_object('id', l.loan_id,"
+           "  'starts_ms', l.starts_ms, 'ends_ms', l.ends_ms) ORDER BY l.starts_ms) FROM loans l"
+           "  WHERE l.asset_id = a.asset_id AND l.state IN ('booked', 'out')"
+           "  AND l.starts_ms < $4::bigint AND l.ends_ms > $3::bigint)::text%s ORDER BY a.asset_id",
+           candidates);
+  rc = qm_pg_exec(tx, sql, p, 4, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  int n = qm_pg_ntuples(res), booked_row = -1;
   if (n == 0) {
     qm_pg_result_destroy(res);
     qm_problem_t *pb = qm_problem_new(404, "not-found", "No such loaner");
@@ -99,29 +131,35 @@ static int do_book(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr, size
     qm_http_resp_problem(c->resp, pb);
     return QM_ENOTFOUND;
   }
-  if (free_row < 0) {
+  char loan_id[QM_UUID_STR_LEN], owner[64];
+  qm_uuid_new(loan_id);
+  for (int i = 0; i < n && booked_row < 0 && rc == QM_OK; i++) {
+    if (!qm_pg_is_null(res, i, 2)) continue;
+    bool taken = false;
+    rc = insert_loan(tx, c, loan_id, qm_pg_get(res, i, 0), &taken, errstr, errstr_size);
+    if (rc == QM_OK && !taken) booked_row = i;
+  }
+  if (rc != QM_OK) {
+    qm_pg_result_destroy(res);
+    return rc;
+  }
+  if (booked_row < 0) {
     qm_problem_t *pb = qm_problem_new(409, "booking-conflict", "Every matching loaner is booked then");
     qm_problem_field_rule(pb, "starts_at", "overlap",
                           "overlaps existing bookings; pick another period or model");
-    qm_problem_extension(pb, "conflicts", json_loads(qm_pg_get(res, 0, 2), 0, NULL));
+    for (int i = 0; i < n; i++) /* the first candidate's bookings then, when it has any */
+      if (!qm_pg_is_null(res, i, 2)) {
+        qm_problem_extension(pb, "conflicts", json_loads(qm_pg_get(res, i, 2), 0, NULL));
+        break;
+      }
     qm_http_resp_problem(c->resp, pb);
     qm_pg_result_destroy(res);
     return QM_ECONFLICT;
   }
-  char loan_id[QM_UUID_STR_LEN], owner[64];
-  qm_uuid_new(loan_id);
-  qm_pg_param_t q[] = {QM_PG_TEXT(loan_id), QM_PG_TEXT(qm_pg_get(res, free_row, 0)),
-                       QM_PG_TEXT(c->person), QM_PG_INT64(c->start), QM_PG_INT64(c->end),
-                       QM_PG_TEXT(c->actor)};
   qm_pg_result_destroy(res);
-  rc = qm_pg_exec(tx,
-                  "INSERT INTO loans (loan_id, asset_id, person_id, starts_ms, ends_ms, booked_by)"
-                  " VALUES ($1, $2::bigint, $3, $4::bigint, $5::bigint, $6)",
-                  q, 6, NULL, errstr, errstr_size);
   snprintf(owner, sizeof(owner), "loan:%s", loan_id);
-  if (rc == QM_OK)
-    rc = qm_timer_add(tx, "timers", "loan_overdue", owner, NULL, 0, c->end, NULL, errstr,
-                      errstr_size);
+  rc = qm_timer_add(tx, "timers", "loan_overdue", owner, NULL, 0, c->end, NULL, errstr,
+                    errstr_size);
   char note[120], ts[40], te[40];
   qm_time_format_rfc3339(c->start, ts, sizeof(ts));
   qm_time_format_rfc3339(c->end, te, sizeof(te));

@@ -179,6 +179,16 @@ static const qm_migration_t migrations[] = {
      " model_id text NOT NULL,"
      " site_id text NOT NULL,"
      " at timestamptz NOT NULL DEFAULT clock_timestamp());"},
+    /* No two active bookings of one loaner overlap, whatever the code does:
+     * an exclusion constraint (btree_gist gives bigint its GiST "="; it is a
+     * trusted extension, created in public so every schema's search_path
+     * finds it). A database holding overlaps from before must have them
+     * cancelled first (see docs/operations.md). */
+    {6, "loans: no overlapping bookings of one asset",
+     "CREATE EXTENSION IF NOT EXISTS btree_gist SCHEMA public;"
+     "ALTER TABLE loans ADD CONSTRAINT loans_no_overlap EXCLUDE USING gist"
+     " (asset_id WITH =, int8range(starts_ms, ends_ms) WITH &&)"
+     " WHERE (state IN ('booked', 'out'));"},
 };
 
 static const qm_cfg_def_t config[] = {

@@ -1139,6 +1139,79 @@ static void c_inventory_seed(it_stack_t *st, it_cases_t *cs) {
   it_dir_remove(dir);
 }
 
+/* One of ten people booking the same slot of the same loaner model. */
+typedef struct book_race {
+  it_stack_t *st;
+  const char *token, *slot;
+  int index;
+  long status;
+  char type[96];
+} book_race_t;
+
+static void *book_race_main(void *arg) {
+  book_race_t *b = arg;
+  char body[400];
+  snprintf(body, sizeof(body), "{\"model_id\":\"proj-2\",\"person_id\":\"p-%04d\",%s}",
+           900 + b->index, b->slot);
+  it_resp_t r;
+  b->status = it_http(b->st, "fulfillment", "POST", "/v1/loans", b->token, body, NULL, &r);
+  snprintf(b->type, sizeof(b->type), "%s", jstr(r.json, "type"));
+  it_resp_clear(&r);
+  return NULL;
+}
+
+static void c_loans_concurrent(it_stack_t *st, it_cases_t *cs) {
+  json_t *j = expect_json(cs, st, "PUT", "/v1/models/proj-2",
+                          "{\"name\":\"Pocket projector\",\"item_type\":\"projector\",\"loaner\":true}",
+                          200);
+  json_decref(j);
+  import_ok(st, cs,
+            "tag,serial,model_id,site_id\nPJ-000101,SN-J-0101,proj-2,hq\nPJ-000102,SN-J-0102,proj-2,hq\n",
+            2);
+  char s1[40], e1[40], slot[120];
+  time_t now = time(NULL), a = now + 5 * 86400, b = now + 6 * 86400;
+  struct tm tm;
+  strftime(s1, sizeof(s1), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&a, &tm));
+  strftime(e1, sizeof(e1), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&b, &tm));
+  snprintf(slot, sizeof(slot), "\"starts_at\":\"%s\",\"ends_at\":\"%s\"", s1, e1);
+  enum { N = 10 };
+  book_race_t br[N];
+  pthread_t th[N];
+  for (int i = 0; i < N; i++) {
+    br[i] = (book_race_t){.st = st, .token = ctx_of(cs)->admin, .slot = slot, .index = i};
+    pthread_create(&th[i], NULL, book_race_main, &br[i]);
+  }
+  for (int i = 0; i < N; i++) pthread_join(th[i], NULL);
+  int booked = 0, refused = 0;
+  for (int i = 0; i < N; i++) {
+    if (br[i].status == 201) booked++;
+    else if (br[i].status == 409 && strstr(br[i].type, "booking-conflict")) refused++;
+    else IT_CHECK(cs, false, "booking %d answered %ld %s", i, br[i].status, br[i].type);
+  }
+  IT_CHECK(cs, booked == 2 && refused == 8, "%d booked, %d refused (want 2 and 8)", booked, refused);
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.loans l JOIN fulfillment.assets a"
+                             " USING (asset_id) WHERE a.model_id = 'proj-2' AND l.state = 'booked'") == 2,
+           "bookings in the database");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(DISTINCT asset_id) FROM fulfillment.loans l JOIN"
+                             " fulfillment.assets a USING (asset_id) WHERE a.model_id = 'proj-2'") == 2,
+           "two bookings on one projector");
+  /* The database refuses an overlap whatever the code does. */
+  it_resp_t r;
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM pg_constraint WHERE conname = 'loans_no_overlap'") == 1,
+           "no exclusion constraint");
+  /* A period next to the booked one (it ends when the other begins) is free. */
+  time_t c = now + 4 * 86400;
+  char s0[40];
+  strftime(s0, sizeof(s0), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&c, &tm));
+  char body[300];
+  snprintf(body, sizeof(body),
+           "{\"model_id\":\"proj-2\",\"person_id\":\"p-0920\",\"starts_at\":\"%s\",\"ends_at\":\"%s\"}",
+           s0, s1);
+  long got = admin(st, cs, "POST", "/v1/loans", body, &r);
+  IT_CHECK(cs, got == 201, "adjacent booking %ld %s", got, r.body);
+  it_resp_clear(&r);
+}
+
 Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_recorder_t *rec = it_recorder_start();
   char *proc = qm_asprintf("QM_PROCUREMENT_URL=%s", it_recorder_url(rec));
@@ -1172,6 +1245,7 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "leaver_recall", c_leaver);
   it_case_run(&cs, st, "sla_breach", c_sla);
   it_case_run(&cs, st, "loaners", c_loans);
+  it_case_run(&cs, st, "loaners_concurrent_same_slot_10_for_2", c_loans_concurrent);
   it_case_run(&cs, st, "catalog_stock_in_intake", c_catalog_stock);
   it_case_run(&cs, st, "approved_event_to_timeline", c_approved_event_timeline);
   it_case_run(&cs, st, "purchase_order_retry_and_kill9", c_po_retry_and_crash);
