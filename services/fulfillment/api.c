@@ -523,11 +523,24 @@ static int do_tracking(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
   const char *reason = json_string_value(json_object_get(c->body, "reason"));
   qm_pg_param_t p[] = {QM_PG_TEXT(tracking)};
   qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(tx,
-                      "SELECT t.seq, t.step, t.state, coalesce(t.asset_id, 0), t.person_id,"
-                      " t.request_id, t.asset_model, coalesce(t.site_id, '') FROM tasks t"
-                      " WHERE t.tracking_number = $1 FOR UPDATE",
-                      p, 1, &res, errstr, errstr_size);
+  /* The recipient first (their lock before the task's, the order ff_leaver
+   * takes them in): has the person left meanwhile? */
+  int rc = qm_pg_exec(tx, "SELECT person_id FROM tasks WHERE tracking_number = $1", p, 1, &res,
+                      errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  char left_on[16] = "";
+  bool left = false;
+  if (qm_pg_ntuples(res) == 1)
+    rc = ff_person_left(tx, qm_pg_get(res, 0, 0), left_on, sizeof(left_on), &left, errstr,
+                        errstr_size);
+  qm_pg_result_destroy(res);
+  res = NULL;
+  if (rc != QM_OK) return rc;
+  rc = qm_pg_exec(tx,
+                  "SELECT t.seq, t.step, t.state, coalesce(t.asset_id, 0), t.person_id,"
+                  " t.request_id, t.asset_model, coalesce(t.site_id, '') FROM tasks t"
+                  " WHERE t.tracking_number = $1 FOR UPDATE",
+                  p, 1, &res, errstr, errstr_size);
   if (rc != QM_OK) return rc;
   if (qm_pg_ntuples(res) == 0) {
     qm_pg_result_destroy(res);
@@ -563,6 +576,15 @@ static int do_tracking(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
       rc = ff_task_emit(ff, tx, c->seq, QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CHECKED_OUT,
                         "assigned to the recipient on delivery", NULL, errstr, errstr_size);
     if (rc == QM_OK) rc = ff_task_close(ff, tx, c->seq, "done", errstr, errstr_size);
+    if (rc == QM_OK && left) {
+      /* Delivered to someone who has left: recalled at once. */
+      int n = 0;
+      rc = ff_leaver(ff, tx, person, left_on, qm_http_req_traceparent(c->req), &n, errstr,
+                     errstr_size);
+      if (rc == QM_OK)
+        qm_log(QM_LOG_INFO, request, NULL, "delivered to leaver %s: %d return task(s) opened",
+               person, n);
+    }
   } else {
     char note[300];
     snprintf(note, sizeof(note), "delivery failed (%s); asset back to stock, %s",
@@ -578,7 +600,14 @@ static int do_tracking(qm_service_t *svc, qm_pg_t *tx, void *ctx, char *errstr,
                       " tracking_number = NULL, updated_at = now() WHERE seq = $1::bigint",
                       q, 1, NULL, errstr, errstr_size);
     if (rc == QM_OK) rc = ff_emit_stock(ff, tx, model, site, NULL, errstr, errstr_size);
-    if (rc == QM_OK && ff->reship) {
+    if (rc == QM_OK && left) {
+      /* Never shipped again to someone who has left: the line is cancelled
+       * (ff_leaver) and the asset goes to whoever waits for the model. */
+      int n = 0;
+      rc = ff_leaver(ff, tx, person, left_on, qm_http_req_traceparent(c->req), &n, errstr,
+                     errstr_size);
+      if (rc == QM_OK) rc = ff_allocate_backorders(ff, tx, model, NULL, errstr, errstr_size);
+    } else if (rc == QM_OK && ff->reship) {
       bool got = false;
       rc = ff_task_reserve(ff, tx, c->seq, asset, true, &got, errstr, errstr_size);
       if (rc == QM_OK && got) rc = ff_task_ship(ff, tx, c->seq, errstr, errstr_size);

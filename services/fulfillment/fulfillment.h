@@ -92,9 +92,11 @@ int ff_asset_set(qm_pg_t *tx, int64_t asset_id, const char *status, const char *
 /* ---- tasks (tasks.c) ---- */
 
 /* Opens the task of a request line (once: a line seen again is left alone)
- * and reserves an asset for it or backorders it. *task_seq (may be NULL)
- * receives the task, *outcome (may be NULL) "reserved", "backordered" or
- * "exists". QM_EINVAL when the model is unknown. */
+ * and reserves an asset for it or backorders it; for a person who has left
+ * (ff_person_left) the task is recorded cancelled and CANCELLED published.
+ * *task_seq (may be NULL) receives the task, *outcome (may be NULL)
+ * "reserved", "backordered", "cancelled" or "exists". QM_EINVAL when the
+ * model is unknown. */
 int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *line, int64_t *task_seq,
                  const char **outcome, char *errstr, size_t errstr_size);
 /* Tries to reserve an asset for a task that has none (backordered or after a
@@ -122,7 +124,16 @@ int ff_shipment_created(ff_t *ff, qm_pg_t *tx, const char *ref, const char *carr
 int ff_task_ship(ff_t *ff, qm_pg_t *tx, int64_t task_seq, char *errstr, size_t errstr_size);
 /* The task as the API shows it, or NULL. Caller frees with json_decref(). */
 json_t *ff_task_json(qm_pg_t *pg, int64_t task_seq, char *errstr, size_t errstr_size);
-/* A leaver: return tasks for every asset they hold, open tasks cancelled. */
+/* Takes the person's transaction-scoped advisory lock (the order every
+ * path follows: person first, then their tasks) and says whether they are a
+ * recorded leaver; date (may be size 0) receives the effective date ("" when
+ * unknown). */
+int ff_person_left(qm_pg_t *tx, const char *person_id, char *date, size_t date_size, bool *left,
+                   char *errstr, size_t errstr_size);
+/* A leaver: recorded in leavers (lines approved later are cancelled, assets
+ * delivered later recalled), return tasks for every asset they hold, open
+ * tasks not in transit cancelled. Idempotent: called again on a delivery to
+ * a leaver. */
 int ff_leaver(ff_t *ff, qm_pg_t *tx, const char *person_id, const char *effective_date,
               const char *traceparent, int *returns, char *errstr, size_t errstr_size);
 /* The SLA of an item type, ms (0: none). */

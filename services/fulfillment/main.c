@@ -189,6 +189,13 @@ static const qm_migration_t migrations[] = {
      "ALTER TABLE loans ADD CONSTRAINT loans_no_overlap EXCLUDE USING gist"
      " (asset_id WITH =, int8range(starts_ms, ends_ms) WITH &&)"
      " WHERE (state IN ('booked', 'out'));"},
+    /* People who have left (from qm.hr.lifecycle.v1, on their effective
+     * date): lines approved afterwards are cancelled, deliveries recalled. */
+    {7, "leavers",
+     "CREATE TABLE leavers ("
+     " person_id text PRIMARY KEY,"
+     " effective_date date,"
+     " recorded_at timestamptz NOT NULL DEFAULT now());"},
 };
 
 static const qm_cfg_def_t config[] = {
@@ -313,6 +320,13 @@ static int on_hr(ff_t *ff, qm_pg_t *tx, const qm_event_in_t *ev, char *errstr,
   bool leaver = he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_LEAVER ||
                 (he->person && he->person->status ==
                                    QM__V1__PERSON_STATUS__PERSON_STATUS_TERMINATED);
+  if (!leaver && he->kind == QM__V1__HR_EVENT_KIND__HR_EVENT_KIND_JOINER && he->person &&
+      he->person->id[0]) {
+    /* Rehired: no longer a leaver (new lines are fulfilled again). */
+    qm_pg_param_t p[] = {QM_PG_TEXT(he->person->id)};
+    rc = qm_pg_exec(tx, "DELETE FROM leavers WHERE person_id = $1", p, 1, NULL, errstr,
+                    errstr_size);
+  }
   if (leaver && he->person && he->person->id[0]) {
     /* Dated in the future: recalled on that day (a "leaver" timer; a
      * repeat of the event arms another, and the second recall finds

@@ -311,8 +311,80 @@ int ff_task_reserve(ff_t *ff, qm_pg_t *tx, int64_t seq, int64_t prefer_asset, bo
   return backorder(ff, tx, seq, errstr, errstr_size);
 }
 
+int ff_person_left(qm_pg_t *tx, const char *person_id, char *date, size_t date_size, bool *left,
+                   char *errstr, size_t errstr_size) {
+  *left = false;
+  if (date_size) date[0] = 0;
+  char key[200];
+  snprintf(key, sizeof(key), "qm-fulfillment-person:%s", person_id);
+  qm_pg_param_t k[] = {QM_PG_INT64(qm_pg_advisory_key(key))};
+  int rc = qm_pg_exec(tx, "SELECT pg_advisory_xact_lock($1::bigint)", k, 1, NULL, errstr,
+                      errstr_size);
+  if (rc != QM_OK) return rc;
+  /* A statement of its own, after the lock: its snapshot sees a leaver
+   * recorded by the transaction we may have waited on. */
+  qm_pg_param_t p[] = {QM_PG_TEXT(person_id)};
+  qm_pg_result_t *res = NULL;
+  rc = qm_pg_exec(tx, "SELECT coalesce(effective_date::text, '') FROM leavers WHERE person_id = $1",
+                  p, 1, &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (qm_pg_ntuples(res) == 1) {
+    *left = true;
+    if (date_size) qm_strlcpy(date, qm_pg_get(res, 0, 0), date_size);
+  }
+  qm_pg_result_destroy(res);
+  return QM_OK;
+}
+
+/* The line of a person who has left: its task is recorded cancelled (so a
+ * repeat of the line is "exists") and CANCELLED published; nothing is
+ * reserved or ordered. */
+static int open_cancelled(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, const char *left_on,
+                          int64_t *task_seq, const char **outcome, char *errstr,
+                          size_t errstr_size) {
+  qm_pg_param_t q[] = {QM_PG_TEXT(l->request_id), QM_PG_INT64(l->line_no),
+                       QM_PG_TEXT(l->person_id),  QM_PG_TEXT(l->item_id ? l->item_id : ""),
+                       QM_PG_TEXT(l->model_id),   QM_PG_TEXT(l->country ? l->country : ""),
+                       QM_PG_TEXT(l->location ? l->location : ""), QM_PG_TEXT(l->traceparent)};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx,
+                      "INSERT INTO tasks (request_id, line_no, person_id, item_id, asset_model,"
+                      " country, location, item_type, traceparent, state, step)"
+                      " VALUES ($1, $2::int, $3, $4, $5, $6, $7,"
+                      " (SELECT item_type FROM models WHERE model_id = $5), $8, 'cancelled',"
+                      " 'cancelled') ON CONFLICT (request_id, line_no) DO NOTHING RETURNING seq",
+                      q, QM_ARRAY_LEN(q), &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (qm_pg_ntuples(res) == 0) {
+    qm_pg_result_destroy(res);
+    if (outcome) *outcome = "exists";
+    return QM_OK;
+  }
+  int64_t seq = 0;
+  qm_pg_get_int64(res, 0, 0, &seq);
+  qm_pg_result_destroy(res);
+  char note[120];
+  snprintf(note, sizeof(note), "cancelled: the person left%s%s", left_on[0] ? " on " : "",
+           left_on);
+  rc = emit_task(ff, tx, seq, QM__V1__FULFILLMENT_STEP__FULFILLMENT_STEP_CANCELLED, note, NULL,
+                 errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (task_seq) *task_seq = seq;
+  if (outcome) *outcome = "cancelled";
+  qm_log(QM_LOG_INFO, l->request_id, NULL, "line %d (%s for %s): cancelled, the person left",
+         l->line_no, l->model_id, l->person_id);
+  return QM_OK;
+}
+
 int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, int64_t *task_seq,
                  const char **outcome, char *errstr, size_t errstr_size) {
+  /* A person who has left gets nothing (checked under the person's lock,
+   * which ff_leaver takes too, so a line and a leaver racing are ordered). */
+  char left_on[16];
+  bool left = false;
+  int rc = ff_person_left(tx, l->person_id, left_on, sizeof(left_on), &left, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (left) return open_cancelled(ff, tx, l, left_on, task_seq, outcome, errstr, errstr_size);
   /* Route by the model and the person's location: the site that serves the
    * location (a regional one that lists it, else a central one in the
    * country, else any central one); its kind names the staging team;
@@ -320,7 +392,7 @@ int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, int64_t *task_seq,
   qm_pg_param_t p[] = {QM_PG_TEXT(l->model_id), QM_PG_TEXT(l->location ? l->location : ""),
                        QM_PG_TEXT(l->country ? l->country : "")};
   qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(
+  rc = qm_pg_exec(
       tx,
       "SELECT m.item_type, m.cost::float8, m.complex, s.site_id,"
       " CASE WHEN s.kind = 'regional' AND $2 = ANY (s.locations) THEN 'regional' ELSE 'central' END,"
@@ -484,10 +556,28 @@ json_t *ff_task_json(qm_pg_t *pg, int64_t seq, char *errstr, size_t errstr_size)
 int ff_leaver(ff_t *ff, qm_pg_t *tx, const char *person_id, const char *effective_date,
               const char *traceparent, int *returns, char *errstr, size_t errstr_size) {
   *returns = 0;
-  /* Open tasks not yet on their way: cancelled, their assets back to stock. */
+  /* Recorded, under the person's lock: a line approved later is cancelled
+   * when it arrives (ff_task_open), an asset in transit gets its return
+   * task when it is delivered (the carrier webhook). The first effective
+   * date recorded is kept. */
+  char left_on[16];
+  bool left = false;
+  int rc = ff_person_left(tx, person_id, left_on, sizeof(left_on), &left, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  qm_pg_param_t lv[] = {QM_PG_TEXT(person_id), QM_PG_TEXT(effective_date)};
+  if (!left)
+    rc = qm_pg_exec(tx,
+                    "INSERT INTO leavers (person_id, effective_date) VALUES ($1,"
+                    " CASE WHEN $2 ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$' THEN $2::date END)"
+                    " ON CONFLICT (person_id) DO NOTHING",
+                    lv, 2, NULL, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  /* Open tasks not yet on their way: cancelled, their assets back to stock.
+   * Those shipping or shipped are left to arrive: the delivery opens their
+   * return task at once. */
   qm_pg_param_t p[] = {QM_PG_TEXT(person_id)};
   qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(tx,
+  rc = qm_pg_exec(tx,
                       "SELECT seq, coalesce(asset_id, 0), asset_model, coalesce(site_id, '')"
                       " FROM tasks WHERE person_id = $1 AND state = 'open'"
                       " AND step NOT IN ('shipping', 'shipped') ORDER BY seq FOR UPDATE",

@@ -1212,6 +1212,67 @@ static void c_loans_concurrent(it_stack_t *st, it_cases_t *cs) {
   it_resp_clear(&r);
 }
 
+/* The person left while their monitor was with the carrier: the delivery
+ * opens its return at once; a line approved after they left is cancelled
+ * and nothing reserved for it. */
+static void c_leaver_in_transit(it_stack_t *st, it_cases_t *cs) {
+  import_ok(st, cs, "tag,serial,model_id,site_id\nMO-000101,SN-O-0101,u2723qe,hq\n", 1);
+  json_t *t = reserve(st, cs, "lvt-1", "p-0951", "u2723qe", "Amsterdam", "NL");
+  IT_CHECK(cs, !strcmp(jstr(t, "asset_tag"), "MO-000101"), "reserved %s", json_dumps(t, 0));
+  long long id = task_id(t);
+  json_decref(t);
+  char trk[32];
+  ship_it(st, cs, id, trk, sizeof(trk));
+  char today[16];
+  it_date(0, today, sizeof(today));
+  it_hr_event_t ev = {.kind = "leaver", .effective_date = today,
+                      .person = {.id = "p-0951", .name = "Gone", .status = "terminated"}};
+  it_hr_publish(st, &ev);
+  const char *q = "SELECT count(*) FROM fulfillment.leavers WHERE person_id = 'p-0951'";
+  int64_t until = it_now_ms() + 30000;
+  while (it_pg_int(st, q) == 0 && it_now_ms() < until) it_sleep_ms(100);
+  IT_CHECK(cs, it_pg_int(st, q) == 1, "leaver not recorded");
+  t = task(st, cs, id);
+  IT_CHECK(cs, !strcmp(jstr(t, "step"), "shipped"), "in-transit task %s", json_dumps(t, 0));
+  json_decref(t);
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.returns WHERE person_id = 'p-0951'") == 0,
+           "a return before the delivery");
+  it_resp_t r;
+  long got = webhook(st, trk, "delivered", "", WEBHOOK_SECRET, &r);
+  IT_CHECK(cs, got == 200 && json_is_true(json_object_get(r.json, "applied")), "webhook %ld %s", got,
+           r.body);
+  it_resp_clear(&r);
+  json_t *ret = expect_json(cs, st, "GET", "/v1/returns?person_id=p-0951", NULL, 200);
+  json_t *item = json_array_get(json_object_get(ret, "items"), 0);
+  IT_CHECK(cs, json_array_size(json_object_get(ret, "items")) == 1 && item &&
+                   !strcmp(jstr(item, "asset_tag"), "MO-000101") && !strcmp(jstr(item, "state"), "open"),
+           "returns after delivery %s", json_dumps(ret, 0));
+  json_decref(ret);
+  IT_CHECK(cs, events_of(cs, "qm.fulfillment.return_requested.v1", "lvt-1", 1, 20000) >= 1,
+           "return_requested event");
+  /* An approved line after the leaver, with stock there: cancelled. */
+  import_ok(st, cs, "tag,serial,model_id,site_id\nMO-000102,SN-O-0102,u2723qe,hq\n", 1);
+  publish_approved_asset(st, "lvt-2", "p-0951", "monitor", "u2723qe", "NL", "Amsterdam");
+  IT_CHECK(cs, events_of(cs, "qm.fulfillment.cancelled.v1", "lvt-2", 1, 30000) >= 1,
+           "line of a leaver not cancelled");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.tasks WHERE request_id = 'lvt-2'"
+                             " AND state = 'cancelled' AND asset_id IS NULL AND po_id IS NULL") == 1,
+           "cancelled task of the leaver's line");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM fulfillment.purchase_orders WHERE request_id = 'lvt-2'") == 0,
+           "purchase order for a leaver");
+  json_t *a = expect_json(cs, st, "GET", "/v1/assets/MO-000102", NULL, 200);
+  IT_CHECK(cs, !strcmp(jstr(a, "status"), "in_stock"), "asset reserved for a leaver %s", json_dumps(a, 0));
+  json_decref(a);
+  IT_CHECK(cs, events_of(cs, "qm.fulfillment.reserved.v1", "lvt-2", 1, 2000) == 0,
+           "reserved published for a leaver");
+  /* The same through the staff API: answered, cancelled. */
+  t = reserve(st, cs, "lvt-3", "p-0951", "u2723qe", "Amsterdam", "NL");
+  IT_CHECK(cs, !strcmp(jstr(t, "outcome"), "cancelled") && !strcmp(jstr(t, "state"), "cancelled") &&
+                   json_is_null(json_object_get(t, "asset_tag")),
+           "staff reservation for a leaver %s", json_dumps(t, 0));
+  json_decref(t);
+}
+
 Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_recorder_t *rec = it_recorder_start();
   char *proc = qm_asprintf("QM_PROCUREMENT_URL=%s", it_recorder_url(rec));
@@ -1243,6 +1304,7 @@ Test(fulfillment, inventory_to_hand_over, .fini = it_fini, .timeout = 900) {
   it_case_run(&cs, st, "shipment_failed_delivery_reship", c_failed_delivery);
   it_case_run(&cs, st, "failed_delivery_reassign", c_failed_delivery_reassign);
   it_case_run(&cs, st, "leaver_recall", c_leaver);
+  it_case_run(&cs, st, "leaver_in_transit_and_after", c_leaver_in_transit);
   it_case_run(&cs, st, "sla_breach", c_sla);
   it_case_run(&cs, st, "loaners", c_loans);
   it_case_run(&cs, st, "loaners_concurrent_same_slot_10_for_2", c_loans_concurrent);
