@@ -336,33 +336,50 @@ int ff_person_left(qm_pg_t *tx, const char *person_id, char *date, size_t date_s
   return QM_OK;
 }
 
+/* Inserts the task of line l (once): state open at step new, or cancelled
+ * at step cancelled. *seq receives it, 0 when the line has a task already.
+ * item_type NULL: the model's. */
+static int insert_task(qm_pg_t *tx, const ff_line_t *l, const char *item_type, const char *site,
+                       const char *team, const char *route, int64_t due, bool cancelled,
+                       int64_t *seq, char *errstr, size_t errstr_size) {
+  *seq = 0;
+  qm_pg_param_t q[] = {QM_PG_TEXT(l->request_id),  QM_PG_INT64(l->line_no),
+                       QM_PG_TEXT(l->person_id),   QM_PG_TEXT(l->item_id ? l->item_id : ""),
+                       QM_PG_TEXT(l->model_id),    QM_PG_TEXT(l->country ? l->country : ""),
+                       QM_PG_TEXT(l->location ? l->location : ""), QM_PG_TEXT(item_type),
+                       QM_PG_TEXT(site),           QM_PG_TEXT(team),
+                       QM_PG_TEXT(route),          QM_PG_INT64(due),
+                       QM_PG_TEXT(l->traceparent), QM_PG_TEXT(cancelled ? "cancelled" : "open"),
+                       QM_PG_TEXT(cancelled ? "cancelled" : "new")};
+  qm_pg_result_t *res = NULL;
+  int rc = qm_pg_exec(tx,
+                      "INSERT INTO tasks (request_id, line_no, person_id, item_id, asset_model,"
+                      " country, location, item_type, site_id, team, route, sla_due_ms,"
+                      " traceparent, state, step)"
+                      " VALUES ($1, $2::int, $3, $4, $5, $6, $7,"
+                      " coalesce($8, (SELECT item_type FROM models WHERE model_id = $5)),"
+                      " $9, $10, $11, $12::bigint, $13, $14, $15)"
+                      " ON CONFLICT (request_id, line_no) DO NOTHING RETURNING seq",
+                      q, QM_ARRAY_LEN(q), &res, errstr, errstr_size);
+  if (rc != QM_OK) return rc;
+  if (qm_pg_ntuples(res) == 1) qm_pg_get_int64(res, 0, 0, seq);
+  qm_pg_result_destroy(res);
+  return QM_OK;
+}
+
 /* The line of a person who has left: its task is recorded cancelled (so a
  * repeat of the line is "exists") and CANCELLED published; nothing is
  * reserved or ordered. */
 static int open_cancelled(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, const char *left_on,
                           int64_t *task_seq, const char **outcome, char *errstr,
                           size_t errstr_size) {
-  qm_pg_param_t q[] = {QM_PG_TEXT(l->request_id), QM_PG_INT64(l->line_no),
-                       QM_PG_TEXT(l->person_id),  QM_PG_TEXT(l->item_id ? l->item_id : ""),
-                       QM_PG_TEXT(l->model_id),   QM_PG_TEXT(l->country ? l->country : ""),
-                       QM_PG_TEXT(l->location ? l->location : ""), QM_PG_TEXT(l->traceparent)};
-  qm_pg_result_t *res = NULL;
-  int rc = qm_pg_exec(tx,
-                      "INSERT INTO tasks (request_id, line_no, person_id, item_id, asset_model,"
-                      " country, location, item_type, traceparent, state, step)"
-                      " VALUES ($1, $2::int, $3, $4, $5, $6, $7,"
-                      " (SELECT item_type FROM models WHERE model_id = $5), $8, 'cancelled',"
-                      " 'cancelled') ON CONFLICT (request_id, line_no) DO NOTHING RETURNING seq",
-                      q, QM_ARRAY_LEN(q), &res, errstr, errstr_size);
+  int64_t seq = 0;
+  int rc = insert_task(tx, l, NULL, NULL, NULL, NULL, 0, true, &seq, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  if (qm_pg_ntuples(res) == 0) {
-    qm_pg_result_destroy(res);
+  if (seq == 0) {
     if (outcome) *outcome = "exists";
     return QM_OK;
   }
-  int64_t seq = 0;
-  qm_pg_get_int64(res, 0, 0, &seq);
-  qm_pg_result_destroy(res);
   char note[120];
   snprintf(note, sizeof(note), "cancelled: the person left%s%s", left_on[0] ? " on " : "",
            left_on);
@@ -423,28 +440,13 @@ int ff_task_open(ff_t *ff, qm_pg_t *tx, const ff_line_t *l, int64_t *task_seq,
                                                                                       : "ship";
   int64_t sla = ff_sla_ms(ff, item_type);
   int64_t due = sla > 0 ? qm_now_ms() + sla : 0;
-  qm_pg_param_t q[] = {QM_PG_TEXT(l->request_id),  QM_PG_INT64(l->line_no),
-                       QM_PG_TEXT(l->person_id),   QM_PG_TEXT(l->item_id ? l->item_id : ""),
-                       QM_PG_TEXT(l->model_id),    QM_PG_TEXT(l->country ? l->country : ""),
-                       QM_PG_TEXT(l->location ? l->location : ""), QM_PG_TEXT(item_type),
-                       QM_PG_TEXT(site),           QM_PG_TEXT(team),
-                       QM_PG_TEXT(route),          QM_PG_INT64(due),
-                       QM_PG_TEXT(l->traceparent)};
-  rc = qm_pg_exec(tx,
-                  "INSERT INTO tasks (request_id, line_no, person_id, item_id, asset_model, country,"
-                  " location, item_type, site_id, team, route, sla_due_ms, traceparent, step)"
-                  " VALUES ($1, $2::int, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::bigint, $13, 'new')"
-                  " ON CONFLICT (request_id, line_no) DO NOTHING RETURNING seq",
-                  q, QM_ARRAY_LEN(q), &res, errstr, errstr_size);
+  int64_t seq = 0;
+  rc = insert_task(tx, l, item_type, site, team, route, due, false, &seq, errstr, errstr_size);
   if (rc != QM_OK) return rc;
-  if (qm_pg_ntuples(res) == 0) {
-    qm_pg_result_destroy(res);
+  if (seq == 0) {
     if (outcome) *outcome = "exists";
     return QM_OK;
   }
-  int64_t seq = 0;
-  qm_pg_get_int64(res, 0, 0, &seq);
-  qm_pg_result_destroy(res);
   if (due > 0) {
     char owner[40];
     snprintf(owner, sizeof(owner), "task:%lld", (long long)seq);
