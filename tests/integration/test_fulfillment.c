@@ -1216,13 +1216,20 @@ static void c_loans_concurrent(it_stack_t *st, it_cases_t *cs) {
  * opens its return at once; a line approved after they left is cancelled
  * and nothing reserved for it. */
 static void c_leaver_in_transit(it_stack_t *st, it_cases_t *cs) {
-  import_ok(st, cs, "tag,serial,model_id,site_id\nMO-000101,SN-O-0101,u2723qe,hq\n", 1);
+  import_ok(st, cs,
+            "tag,serial,model_id,site_id\nMO-000101,SN-O-0101,u2723qe,hq\nMO-000103,SN-O-0103,u2723qe,hq\n",
+            2);
   json_t *t = reserve(st, cs, "lvt-1", "p-0951", "u2723qe", "Amsterdam", "NL");
   IT_CHECK(cs, !strcmp(jstr(t, "asset_tag"), "MO-000101"), "reserved %s", json_dumps(t, 0));
   long long id = task_id(t);
   json_decref(t);
-  char trk[32];
+  t = reserve(st, cs, "lvt-1b", "p-0951", "u2723qe", "Amsterdam", "NL");
+  IT_CHECK(cs, !strcmp(jstr(t, "asset_tag"), "MO-000103"), "reserved %s", json_dumps(t, 0));
+  long long id_b = task_id(t);
+  json_decref(t);
+  char trk[32], trk_b[32];
   ship_it(st, cs, id, trk, sizeof(trk));
+  ship_it(st, cs, id_b, trk_b, sizeof(trk_b));
   char today[16];
   it_date(0, today, sizeof(today));
   it_hr_event_t ev = {.kind = "leaver", .effective_date = today,
@@ -1250,6 +1257,26 @@ static void c_leaver_in_transit(it_stack_t *st, it_cases_t *cs) {
   json_decref(ret);
   IT_CHECK(cs, events_of(cs, "qm.fulfillment.return_requested.v1", "lvt-1", 1, 20000) >= 1,
            "return_requested event");
+  /* The other one fails to arrive: not shipped again (policy reship), the
+   * line cancelled, the monitor back in stock. */
+  size_t shipments = it_recorder_count(ctx_of(cs)->rec, "/shipments");
+  got = webhook(st, trk_b, "failed", "recipient gone", WEBHOOK_SECRET, &r);
+  IT_CHECK(cs, got == 200, "failed webhook %ld %s", got, r.body);
+  it_resp_clear(&r);
+  t = task(st, cs, id_b);
+  IT_CHECK(cs, !strcmp(jstr(t, "state"), "cancelled") && json_is_null(json_object_get(t, "asset_tag")),
+           "failed delivery to a leaver %s", json_dumps(t, 0));
+  json_decref(t);
+  json_t *mb = expect_json(cs, st, "GET", "/v1/assets/MO-000103", NULL, 200);
+  IT_CHECK(cs, !strcmp(jstr(mb, "status"), "in_stock"), "failed delivery asset %s", json_dumps(mb, 0));
+  json_decref(mb);
+  /* A reshipment would have been queued in the webhook's transaction. */
+  char sql[200];
+  snprintf(sql, sizeof(sql),
+           "SELECT count(*) FROM fulfillment.outbound WHERE kind = 'shipment' AND ref LIKE 'task-%lld-%%'",
+           id_b);
+  IT_CHECK(cs, it_pg_int(st, sql) == 1 && it_recorder_count(ctx_of(cs)->rec, "/shipments") == shipments,
+           "shipped again to a leaver (%lld shipments queued)", it_pg_int(st, sql));
   /* An approved line after the leaver, with stock there: cancelled. */
   import_ok(st, cs, "tag,serial,model_id,site_id\nMO-000102,SN-O-0102,u2723qe,hq\n", 1);
   publish_approved_asset(st, "lvt-2", "p-0951", "monitor", "u2723qe", "NL", "Amsterdam");
