@@ -10,6 +10,7 @@
 #include "audit.h"
 #include "payload.h"
 
+#include "qm_api.h"
 #include "qm_common.h"
 #include "qm_http.h"
 #include "qm_log.h"
@@ -180,20 +181,6 @@ static json_t *record_json(const qm_pg_result_t *res, int i, bool with_bytes) {
   return j;
 }
 
-static int acquire(audit_api_t *api, qm_http_resp_t *resp, qm_pg_t **pg) {
-  if (qm_pg_pool_acquire(qm_service_pool(api->svc), 5000, pg) != QM_OK) {
-    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
-    return QM_ETRANSIENT;
-  }
-  return QM_OK;
-}
-
-static void db_error(qm_http_req_t *req, qm_http_resp_t *resp, const char *what,
-                     const char *errstr) {
-  qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "%s: %s", what, errstr);
-  qm_http_problem(resp, 503, "unavailable", "Database error", "try again shortly");
-}
-
 /* ---- GET /v1/audit/search ------------------------------------------------------- */
 
 static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
@@ -205,7 +192,7 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     return;
   }
   qm_pg_t *pg = NULL;
-  if (acquire(api, resp, &pg) != QM_OK) return;
+  if (!(pg = qm_api_db(req, resp, qm_service_pool(api->svc)))) return;
   qm_pg_param_t p[10];
   filter_params(&f, p);
   p[6] = QM_PG_INT64(f.has_after ? f.after_ms : -1);
@@ -221,7 +208,7 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
                       p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
   qm_pg_pool_release(qm_service_pool(api->svc), pg);
   if (rc != QM_OK) {
-    db_error(req, resp, "audit search", errstr);
+    qm_api_db_error(req, resp, "audit search", errstr);
     return;
   }
   int n = qm_pg_ntuples(res);
@@ -458,7 +445,7 @@ static void evidence(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   audit_api_t *api = ctx;
   const char *id = qm_http_req_param(req, "id");
   qm_pg_t *pg = NULL;
-  if (acquire(api, resp, &pg) != QM_OK) return;
+  if (!(pg = qm_api_db(req, resp, qm_service_pool(api->svc)))) return;
   qm_pg_param_t p[] = {QM_PG_TEXT(id), QM_PG_INT64(EVIDENCE_MAX_RECORDS + 1)};
   qm_pg_result_t *res = NULL, *cps = NULL;
   char errstr[512];
@@ -484,7 +471,7 @@ static void evidence(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   qm_pg_pool_release(qm_service_pool(api->svc), pg);
   if (rc != QM_OK) {
     qm_pg_result_destroy(res);
-    db_error(req, resp, "evidence", errstr);
+    qm_api_db_error(req, resp, "evidence", errstr);
     return;
   }
   int n = qm_pg_ntuples(res);
@@ -816,7 +803,7 @@ static void export_route(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   if (rc != QM_OK) {
     qm_pg_destroy(pg);
     atomic_fetch_sub(&api->exports_active, 1);
-    db_error(req, resp, "audit export", errstr);
+    qm_api_db_error(req, resp, "audit export", errstr);
     return;
   }
   export_stream_t *x = qm_calloc(1, sizeof(*x));
@@ -968,7 +955,7 @@ static void report_route(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     return;
   }
   qm_pg_t *pg = NULL;
-  if (acquire(api, resp, &pg) != QM_OK) return;
+  if (!(pg = qm_api_db(req, resp, qm_service_pool(api->svc)))) return;
   int64_t from = f.has_from ? f.from_ms : 0, to = f.has_to ? f.to_ms : INT64_MAX;
   qm_pg_param_t p[] = {QM_PG_INT64(from), QM_PG_INT64(to), QM_PG_INT64(limit)};
   qm_pg_result_t *res = NULL;
@@ -977,7 +964,7 @@ static void report_route(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   int rc = qm_pg_exec(pg, r->sql, p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
   qm_pg_pool_release(qm_service_pool(api->svc), pg);
   if (rc != QM_OK) {
-    db_error(req, resp, "audit report", errstr);
+    qm_api_db_error(req, resp, "audit report", errstr);
     return;
   }
   json_error_t jerr;
