@@ -209,14 +209,29 @@ static int on_approved(qm_service_t *svc, prov_t *prov, qm_pg_t *tx, const qm_ev
   if (!line->group[0])
     return qm_err(errstr, errstr_size, QM_EPOISON, "approved access line %d has no group",
                   line->line_no);
+  const char *username = ap->subject_directory_username[0] ? ap->subject_directory_username
+                                                           : ap->subject_person_id;
+  const char *connector = line->connector[0] ? line->connector : "scim-main";
+  const struct {
+    const char *name, *value;
+    size_t max;
+  } limits[] = {{"request_id", ap->request_id, PROV_REQUEST_ID_MAX},
+                {"subject_person_id", ap->subject_person_id, PROV_NAME_MAX},
+                {"subject_directory_username", username, PROV_LONG_NAME_MAX},
+                {"line.item_id", line->item_id, PROV_NAME_MAX},
+                {"line.role_id", line->role_id, PROV_NAME_MAX},
+                {"line.group", line->group, PROV_LONG_NAME_MAX},
+                {"line.connector", connector, PROV_NAME_MAX}};
+  for (size_t i = 0; i < QM_ARRAY_LEN(limits); i++)
+    if (strlen(limits[i].value) >= limits[i].max)
+      return qm_err(errstr, errstr_size, QM_EPOISON,
+                    "RequestApproved %s is %zu bytes; provisioning takes at most %zu",
+                    limits[i].name, strlen(limits[i].value), limits[i].max - 1);
   size_t len = qm__v1__request_approved__get_packed_size(ap);
   uint8_t *buf = qm_malloc(len);
   qm__v1__request_approved__pack(ap, buf);
   char grant_id[QM_UUID_STR_LEN];
   qm_uuid_new(grant_id);
-  const char *username = ap->subject_directory_username[0] ? ap->subject_directory_username
-                                                           : ap->subject_person_id;
-  const char *connector = line->connector[0] ? line->connector : "scim-main";
   qm_pg_param_t p[] = {QM_PG_TEXT(grant_id),        QM_PG_TEXT(ap->request_id),
                        QM_PG_INT64(line->line_no),  QM_PG_TEXT(ap->subject_person_id),
                        QM_PG_TEXT(username),        QM_PG_TEXT(line->item_id),

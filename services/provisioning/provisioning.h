@@ -7,6 +7,13 @@
 #ifndef QM_PROVISIONING_H
 #define QM_PROVISIONING_H
 
+/* Longest ids provisioning carries through an operation (the buffers of
+ * grant_op_t, workers.c): an approval with a longer one is refused as
+ * poison (dead-lettered, with the reason) rather than cut short. */
+#define PROV_REQUEST_ID_MAX 40
+#define PROV_NAME_MAX 130      /* person, item, role, connector */
+#define PROV_LONG_NAME_MAX 260 /* directory username, group */
+
 #include "qm_ldap.h"
 #include "qm_metrics.h"
 #include "qm_scim.h"

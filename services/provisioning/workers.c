@@ -32,8 +32,9 @@ typedef struct grant_op {
   int64_t id;
   char op[16];
   int attempts;
-  char grant_id[40], request_id[40], person_id[130], username[260], item_id[130], role_id[130],
-      grp[260], connector[130], traceparent[64];
+  char grant_id[40], request_id[PROV_REQUEST_ID_MAX], person_id[PROV_NAME_MAX],
+      username[PROV_LONG_NAME_MAX], item_id[PROV_NAME_MAX], role_id[PROV_NAME_MAX],
+      grp[PROV_LONG_NAME_MAX], connector[PROV_NAME_MAX], traceparent[64];
   char reason[64], dir_user_id[1024], dir_group_id[1024];
   int line_no;
   int duration_days;

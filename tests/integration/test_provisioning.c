@@ -704,6 +704,26 @@ static void c_drift(it_stack_t *st, it_cases_t *cs) {
            drift, leaver, notices);
 }
 
+/* An approval whose ids do not fit provisioning's operations is refused as
+ * poison (dead-lettered with the reason), never cut short and applied. */
+static void c_long_ids_dead_lettered(it_stack_t *st, it_cases_t *cs) {
+  it_reader_t *dlq = it_reader_open(st, QM_TOPIC_DECISIONS ".dlq");
+  char grp[300];
+  memset(grp, 'g', sizeof(grp) - 1);
+  grp[sizeof(grp) - 1] = '\0';
+  it_approved_t a = {.request_id = "it-long-group-1", .person_id = "p-0100", .item_id = "figma",
+                     .role_id = "viewer", .group = grp};
+  it_publish_approved(st, &a);
+  json_t *pat = json_pack("{s:s}", "ce_subject", "it-long-group-1");
+  int n = it_reader_wait(dlq, pat, 1, 30000);
+  json_decref(pat);
+  it_reader_close(dlq);
+  IT_CHECK(cs, n == 1, "an approval with a 299-byte group was not dead-lettered");
+  IT_CHECK(cs, it_pg_int(st, "SELECT count(*) FROM provisioning.grants"
+                             " WHERE request_id = 'it-long-group-1'") == 0,
+           "a grant was recorded for an approval with a 299-byte group");
+}
+
 Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .timeout = 600) {
   static const char *const groups[] = {"ldap-eng", "ldap-ops", NULL};
   it_slapd_t *slapd = it_slapd_start(groups, 300);
@@ -749,6 +769,7 @@ Test(provisioning, grants_revocation_expiry_leaver_drift, .fini = it_fini, .time
   it_case_run(&cs, st, "drift found (SCIM, LDAP) and repaired (LDAP)", c_drift);
   it_case_run(&cs, st, "expiry notice receiver down: leaver not held up, notice delivered later",
               c_notice_receiver_down);
+  it_case_run(&cs, st, "over-long ids dead-lettered, not cut short", c_long_ids_dead_lettered);
   bool ok = it_cases_report(&cs, "provisioning");
   it_reader_close(c.access);
   free(c.admin);
