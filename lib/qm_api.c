@@ -66,6 +66,22 @@ void qm_api_db_error(qm_http_req_t *req, qm_http_resp_t *resp, const char *what,
                   "the database did not answer as expected; retry shortly");
 }
 
+bool qm_api_query(qm_http_req_t *req, qm_http_resp_t *resp, qm_pg_pool_t *pool, const char *what,
+                  const char *sql, const qm_pg_param_t *params, int nparams,
+                  qm_pg_result_t **res) {
+  if (res) *res = NULL;
+  qm_pg_t *pg = qm_api_db(req, resp, pool);
+  if (!pg) return false;
+  char errstr[512];
+  int rc = qm_pg_exec(pg, sql, params, nparams, res, errstr, sizeof(errstr));
+  qm_pg_pool_release(pool, pg);
+  if (rc != QM_OK) {
+    qm_api_db_error(req, resp, what, errstr);
+    return false;
+  }
+  return true;
+}
+
 json_t *qm_api_list(json_t *items, const char *next) {
   json_t *body = json_object();
   json_object_set_new(body, "items", items);

@@ -39,6 +39,15 @@ qm_pg_t *qm_api_db(qm_http_req_t *req, qm_http_resp_t *resp, qm_pg_pool_t *pool)
 void qm_api_db_error(qm_http_req_t *req, qm_http_resp_t *resp, const char *what,
                      const char *errstr);
 
+/* One statement for a handler: a pooled connection (503 when none is free
+ * within 5 s), the statement, the connection given back at once; a failed
+ * statement is logged as `what` and answered 503. True with *res set (res
+ * may be NULL for statements without rows; caller frees it with
+ * qm_pg_result_destroy()), false when the response is already set. */
+bool qm_api_query(qm_http_req_t *req, qm_http_resp_t *resp, qm_pg_pool_t *pool, const char *what,
+                  const char *sql, const qm_pg_param_t *params, int nparams,
+                  qm_pg_result_t **res);
+
 /* Builds {"items": items, "next": next} (next omitted when NULL or "");
  * takes ownership of items. */
 json_t *qm_api_list(json_t *items, const char *next);

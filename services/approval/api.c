@@ -191,20 +191,13 @@ static json_t *away_json(qm_pg_result_t *res) {
 static void get_away(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   approval_t *ap = ctx;
   const qm_principal_t *who = qm_http_req_principal(req);
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ap->svc));
-  if (!pg) return;
   qm_pg_param_t p[] = {QM_PG_TEXT(who->sub)};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT person_id, coalesce(delegate_id, ''), from_ms, until_ms, note"
-                      " FROM away WHERE person_id = $1",
-                      p, 1, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ap->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "away", errstr);
+  if (!qm_api_query(req, resp, qm_service_pool(ap->svc), "away",
+                    "SELECT person_id, coalesce(delegate_id, ''), from_ms, until_ms, note"
+                    " FROM away WHERE person_id = $1",
+                    p, 1, &res))
     return;
-  }
   if (qm_pg_ntuples(res) == 0)
     qm_http_problem(resp, 404, "not-found", "Not away", "no away period is set");
   else
@@ -270,17 +263,10 @@ static void put_away(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 static void delete_away(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   approval_t *ap = ctx;
   const qm_principal_t *who = qm_http_req_principal(req);
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ap->svc));
-  if (!pg) return;
   qm_pg_param_t p[] = {QM_PG_TEXT(who->sub)};
-  char errstr[512];
-  int rc = qm_pg_exec(pg, "DELETE FROM away WHERE person_id = $1", p, 1, NULL, errstr,
-                      sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ap->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "away", errstr);
+  if (!qm_api_query(req, resp, qm_service_pool(ap->svc), "away",
+                    "DELETE FROM away WHERE person_id = $1", p, 1, NULL))
     return;
-  }
   qm_http_resp_empty(resp, 204);
 }
 

@@ -191,8 +191,6 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     qm_http_resp_problem(resp, pb);
     return;
   }
-  qm_pg_t *pg = NULL;
-  if (!(pg = qm_api_db(req, resp, qm_service_pool(api->svc)))) return;
   qm_pg_param_t p[10];
   filter_params(&f, p);
   p[6] = QM_PG_INT64(f.has_after ? f.after_ms : -1);
@@ -200,17 +198,12 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   p[8] = QM_PG_INT64(f.after_seq);
   p[9] = QM_PG_INT64(f.limit + 1);
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT " RECORD_COLS " FROM ledger l" FILTER_SQL
-                      " AND (l.event_time_ms, l.chain_id, l.seq) > ($7::bigint, $8::text, $9::bigint)"
-                      " ORDER BY l.event_time_ms, l.chain_id, l.seq LIMIT $10::int",
-                      p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(api->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "audit search", errstr);
+  if (!qm_api_query(req, resp, qm_service_pool(api->svc), "audit search",
+                    "SELECT " RECORD_COLS " FROM ledger l" FILTER_SQL
+                    " AND (l.event_time_ms, l.chain_id, l.seq) > ($7::bigint, $8::text, $9::bigint)"
+                    " ORDER BY l.event_time_ms, l.chain_id, l.seq LIMIT $10::int",
+                    p, QM_ARRAY_LEN(p), &res))
     return;
-  }
   int n = qm_pg_ntuples(res);
   int shown = n > f.limit ? (int)f.limit : n;
   json_t *items = json_array();
@@ -954,19 +947,13 @@ static void report_route(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     qm_http_resp_problem(resp, pb);
     return;
   }
-  qm_pg_t *pg = NULL;
-  if (!(pg = qm_api_db(req, resp, qm_service_pool(api->svc)))) return;
   int64_t from = f.has_from ? f.from_ms : 0, to = f.has_to ? f.to_ms : INT64_MAX;
   qm_pg_param_t p[] = {QM_PG_INT64(from), QM_PG_INT64(to), QM_PG_INT64(limit)};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
   int64_t t0 = qm_now_ms();
-  int rc = qm_pg_exec(pg, r->sql, p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(api->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "audit report", errstr);
+  if (!qm_api_query(req, resp, qm_service_pool(api->svc), "audit report", r->sql, p,
+                    QM_ARRAY_LEN(p), &res))
     return;
-  }
   json_error_t jerr;
   json_t *data = json_loads(qm_pg_get(res, 0, 0), JSON_DECODE_ANY, &jerr);
   qm_pg_result_destroy(res);

@@ -29,6 +29,7 @@
 #include "evidence.h"
 #include "payload.h"
 
+#include "qm_api.h"
 #include "qm_common.h"
 #include "qm_http.h"
 #include "qm_log.h"
@@ -429,33 +430,22 @@ static void list_ledger(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
     qm_http_resp_problem(resp, pb);
     return;
   }
-  qm_pg_t *pg = NULL;
-  if (qm_pg_pool_acquire(qm_service_pool(app->svc), 5000, &pg) != QM_OK) {
-    qm_http_problem(resp, 503, "unavailable", "Database busy", "try again shortly");
-    return;
-  }
   qm_pg_param_t p[] = {chain_id ? QM_PG_TEXT(chain_id) : QM_PG_NULL,
                        request_id ? QM_PG_TEXT(request_id) : QM_PG_NULL,
                        type ? QM_PG_TEXT(type) : QM_PG_NULL, QM_PG_TEXT(after_chain),
                        QM_PG_INT64(after), QM_PG_INT64(limit + 1)};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
-                      "SELECT seq, recorded_at_ms, topic, event_id, event_type, event_source,"
-                      " subject, person_id, request_id, event_time_ms, dead_letter,"
-                      " encode(hash, 'hex'), encode(prev_hash, 'hex'), chain_id FROM ledger"
-                      " WHERE ($1::text IS NULL OR chain_id = $1)"
-                      " AND ($2::text IS NULL OR request_id = $2)"
-                      " AND ($3::text IS NULL OR event_type = $3)"
-                      " AND (chain_id, seq) > ($4::text, $5::bigint)"
-                      " ORDER BY chain_id, seq LIMIT $6::int",
-                      p, QM_ARRAY_LEN(p), &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(app->svc), pg);
-  if (rc != QM_OK) {
-    qm_log(QM_LOG_ERROR, qm_http_req_id(req), qm_http_req_trace_id(req), "ledger query: %s", errstr);
-    qm_http_problem(resp, 503, "unavailable", "Database error", "try again shortly");
+  if (!qm_api_query(req, resp, qm_service_pool(app->svc), "ledger query",
+                    "SELECT seq, recorded_at_ms, topic, event_id, event_type, event_source,"
+                    " subject, person_id, request_id, event_time_ms, dead_letter,"
+                    " encode(hash, 'hex'), encode(prev_hash, 'hex'), chain_id FROM ledger"
+                    " WHERE ($1::text IS NULL OR chain_id = $1)"
+                    " AND ($2::text IS NULL OR request_id = $2)"
+                    " AND ($3::text IS NULL OR event_type = $3)"
+                    " AND (chain_id, seq) > ($4::text, $5::bigint)"
+                    " ORDER BY chain_id, seq LIMIT $6::int",
+                    p, QM_ARRAY_LEN(p), &res))
     return;
-  }
   json_t *items = json_array();
   int n = qm_pg_ntuples(res);
   int shown = n > limit ? (int)limit : n;

@@ -77,16 +77,10 @@ void ff_api_list(ff_t *ff, qm_http_req_t *req, qm_http_resp_t *resp, long defaul
   }
   qm_pg_param_t p[16] = {QM_PG_INT64(page.after), QM_PG_INT64(page.limit + 1)};
   for (int i = 0; i < n_extra && i < 14; i++) p[2 + i] = extra[i];
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg, sql, p, 2 + (n_extra < 14 ? n_extra : 14), &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "listing", errstr);
+  if (!qm_api_query(req, resp, qm_service_pool(ff->svc), "listing", sql, p,
+                    2 + (n_extra < 14 ? n_extra : 14), &res))
     return;
-  }
   json_t *items = json_array();
   int n = qm_pg_ntuples(res), shown = n > page.limit ? (int)page.limit : n;
   for (int i = 0; i < shown; i++)

@@ -514,24 +514,17 @@ static void list_assets(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
 /* GET /v1/assets/{tag} — the asset and its status history. */
 static void get_asset(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   ff_t *ff = ctx;
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
   qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_param(req, "tag"))};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(pg,
+  if (!qm_api_query(req, resp, qm_service_pool(ff->svc), "reading an asset",
                       "SELECT (" ASSET_JSON "::jsonb || jsonb_build_object('history',"
                       " (SELECT coalesce(jsonb_agg(jsonb_build_object('status', h.status,"
                       " 'person_id', h.person_id, 'request_id', h.request_id, 'actor', h.actor,"
                       " 'note', h.note, 'at', h.at) ORDER BY h.seq), '[]') FROM asset_history h"
                       " WHERE h.asset_id = a.asset_id)))::text FROM assets a"
                       " WHERE a.tag = $1 OR a.serial = $1",
-                      p, 1, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "reading an asset", errstr);
+                      p, 1, &res))
     return;
-  }
   if (qm_pg_ntuples(res) == 0)
     qm_http_problem(resp, 404, "not-found", "No such asset", "no asset has this tag or serial");
   else qm_http_resp_json(resp, 200, json_loads(qm_pg_get(res, 0, 0), 0, NULL));
@@ -542,13 +535,10 @@ static void get_asset(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
  * way, on order, estimated delivery of the next purchase order. */
 static void get_stock(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   ff_t *ff = ctx;
-  qm_pg_t *pg = qm_api_db(req, resp, qm_service_pool(ff->svc));
-  if (!pg) return;
   qm_pg_param_t p[] = {QM_PG_TEXT(qm_http_req_query(req, "model_id"))};
   qm_pg_result_t *res = NULL;
-  char errstr[512];
-  int rc = qm_pg_exec(
-      pg,
+  if (!qm_api_query(
+      req, resp, qm_service_pool(ff->svc), "reading stock",
       "SELECT coalesce(json_agg(json_build_object('model_id', k.model_id, 'site_id', k.site_id,"
       " 'available', (SELECT count(*) FROM assets a WHERE a.model_id = k.model_id"
       "  AND a.site_id = k.site_id AND a.status = 'in_stock'),"
@@ -563,12 +553,8 @@ static void get_stock(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
       " ORDER BY k.model_id, k.site_id), '[]')::text FROM (SELECT model_id, site_id FROM assets"
       "  UNION SELECT model_id, site_id FROM purchase_orders) k"
       " WHERE $1::text IS NULL OR k.model_id = $1",
-      p, 1, &res, errstr, sizeof(errstr));
-  qm_pg_pool_release(qm_service_pool(ff->svc), pg);
-  if (rc != QM_OK) {
-    qm_api_db_error(req, resp, "reading stock", errstr);
+      p, 1, &res))
     return;
-  }
   qm_http_resp_json(resp, 200, qm_api_list(json_loads(qm_pg_get(res, 0, 0), 0, NULL), NULL));
   qm_pg_result_destroy(res);
 }
