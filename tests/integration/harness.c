@@ -1411,6 +1411,31 @@ void it_hr_publish(it_stack_t *st, const it_hr_event_t *ev) {
   free(buf);
 }
 
+void it_hr_leaver_today(it_stack_t *st, const char *person_id) {
+  json_t *p = it_seed_person(person_id);
+  cr_assert_not_null(p, "it_hr_leaver_today: %s is not in the seed", person_id);
+#define IT_SEED(k) json_string_value(json_object_get(p, k))
+  char today[16];
+  it_date(0, today, sizeof(today));
+  it_hr_event_t ev = {.kind = "leaver",
+                      .effective_date = today,
+                      .person = {.id = person_id,
+                                 .name = IT_SEED("name"),
+                                 .email = IT_SEED("email"),
+                                 .manager_id = IT_SEED("manager_id"),
+                                 .department = IT_SEED("department"),
+                                 .job_function = IT_SEED("job_function"),
+                                 .country = IT_SEED("country"),
+                                 .location = IT_SEED("location"),
+                                 .employment_type = IT_SEED("employment_type"),
+                                 .status = "terminated",
+                                 .end_date = today,
+                                 .directory_username = IT_SEED("directory_username")}};
+#undef IT_SEED
+  it_hr_publish(st, &ev);
+  json_decref(p);
+}
+
 void it_publish(it_stack_t *st, const char *base_topic, const char *key, const char *source,
                 const char *type, const char *subject, const void *payload, size_t len) {
   char *topic = it_topic(st, base_topic);

@@ -268,6 +268,12 @@ typedef struct it_hr_event {
  * waits for the broker's acknowledgement (fails the test otherwise). */
 void it_hr_publish(it_stack_t *st, const it_hr_event_t *ev);
 
+/* Publishes a leaver for the seeded person person_id (it_seed_person(): its
+ * name, manager, department… as the HR system knows them), status
+ * terminated, effective and ending today. Fails the test when the person is
+ * not in the seed. */
+void it_hr_leaver_today(it_stack_t *st, const char *person_id);
+
 /* The UTC date days_from_today days from now as "YYYY-MM-DD" (out >= 11). */
 void it_date(int days_from_today, char *out, size_t cap);
 

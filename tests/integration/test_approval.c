@@ -558,25 +558,7 @@ static void c_cancellation(it_stack_t *st, it_cases_t *cs) {
 static void c_leaver(it_stack_t *st, it_cases_t *cs) {
   char *id = submit(st, "p-0061", "employee", "p-0061", "figma", "editor");
   json_decref(wait_step(cs, st, id, 1, "pending", 20000));
-  json_t *p = it_seed_person("p-0061");
-  char today[16];
-  it_date(0, today, sizeof(today));
-  it_hr_event_t ev = {.kind = "leaver",
-                      .effective_date = today,
-                      .person = {.id = "p-0061",
-                                 .name = jget(p, "name"),
-                                 .email = jget(p, "email"),
-                                 .manager_id = jget(p, "manager_id"),
-                                 .department = jget(p, "department"),
-                                 .job_function = jget(p, "job_function"),
-                                 .country = jget(p, "country"),
-                                 .location = jget(p, "location"),
-                                 .employment_type = "employee",
-                                 .status = "terminated",
-                                 .end_date = today,
-                                 .directory_username = "p-0061"}};
-  it_hr_publish(st, &ev);
-  json_decref(p);
+  it_hr_leaver_today(st, "p-0061");
   /* Intake cancels the leaver's pending requests; approval closes the step. */
   json_decref(wait_step(cs, st, id, 1, "cancelled", 30000));
   IT_CHECK(cs, step_timers(st, id, "pending") == 0,
@@ -617,25 +599,7 @@ static void c_approver_leaves(it_stack_t *st, it_cases_t *cs) {
   char *id = submit(st, "p-0282", "employee", "p-0282", "figma", "editor");
   json_t *s = wait_step(cs, st, id, 1, "pending", 20000);
   IT_CHECK(cs, !strcmp(approver(s, 0), "p-0007"), "manager p-0007: %s", it_json_text(s));
-  json_t *p = it_seed_person("p-0007");
-  char today[16];
-  it_date(0, today, sizeof(today));
-  it_hr_event_t ev = {.kind = "leaver",
-                      .effective_date = today,
-                      .person = {.id = "p-0007",
-                                 .name = jget(p, "name"),
-                                 .email = jget(p, "email"),
-                                 .manager_id = jget(p, "manager_id"),
-                                 .department = jget(p, "department"),
-                                 .job_function = jget(p, "job_function"),
-                                 .country = jget(p, "country"),
-                                 .location = jget(p, "location"),
-                                 .employment_type = "employee",
-                                 .status = "terminated",
-                                 .end_date = today,
-                                 .directory_username = "p-0007"}};
-  it_hr_publish(st, &ev);
-  json_decref(p);
+  it_hr_leaver_today(st, "p-0007");
   IT_CHECK(cs, count_events(cx->decisions, "qm.approval.step_pending.v1", id, 2, 30000) == 2,
            "the step is announced again when its approver leaves");
   json_t *s2 = wait_step(cs, st, id, 1, "pending", 1000);
@@ -997,6 +961,7 @@ Test(approval, routing, .fini = it_fini, .timeout = 900) {
   free(url);
   if (all) it_stack_down(st);
   it_recorder_stop(hooks);
+  cr_assert(all, "some cases failed (see above)");
 }
 
 Test(approval, timers, .fini = it_fini, .timeout = 900) {
@@ -1038,6 +1003,7 @@ Test(approval, timers, .fini = it_fini, .timeout = 900) {
   if (all) it_stack_down(st);
   it_redis_stop(redis);
   it_recorder_stop(hooks);
+  cr_assert(all, "some cases failed (see above)");
 }
 
 Test(approval, webhook_hangs, .fini = it_fini, .timeout = 600) {
@@ -1063,4 +1029,5 @@ Test(approval, webhook_hangs, .fini = it_fini, .timeout = 600) {
   free(url);
   if (all) it_stack_down(st);
   it_recorder_stop(hooks);
+  cr_assert(all, "some cases failed (see above)");
 }
