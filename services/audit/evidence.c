@@ -150,7 +150,11 @@ static void filter_params(const filter_t *f, qm_pg_param_t p[6]) {
 
 /* ---- records as JSON ---------------------------------------------------------- */
 
-static json_t *record_json(const qm_pg_result_t *res, int i, bool with_bytes) {
+/* Record i of res as JSON, its payload decoded into "event". With payload
+ * not NULL the decoded payload is also handed to the caller (who clears it
+ * with audit_payload_clear()), so it is decoded once. */
+static json_t *record_json(const qm_pg_result_t *res, int i, bool with_bytes,
+                           audit_payload_t *payload) {
   int64_t seq = 0, rec = 0, evt = 0;
   qm_pg_get_int64(res, i, 1, &seq);
   qm_pg_get_int64(res, i, 2, &rec);
@@ -176,7 +180,8 @@ static json_t *record_json(const qm_pg_result_t *res, int i, bool with_bytes) {
     json_object_set_new(j, "event_bytes", json_string(b64));
     free(b64);
   }
-  audit_payload_clear(&p);
+  if (payload) *payload = p;
+  else audit_payload_clear(&p);
   free(bytes);
   return j;
 }
@@ -207,7 +212,7 @@ static void search(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   int n = qm_pg_ntuples(res);
   int shown = n > f.limit ? (int)f.limit : n;
   json_t *items = json_array();
-  for (int i = 0; i < shown; i++) json_array_append_new(items, record_json(res, i, false));
+  for (int i = 0; i < shown; i++) json_array_append_new(items, record_json(res, i, false, NULL));
   json_t *body = json_pack("{s:o}", "items", items);
   if (n > f.limit) {
     char *next = qm_asprintf("%s:%s:%s", qm_pg_get(res, shown - 1, 3), qm_pg_get(res, shown - 1, 0),
@@ -480,16 +485,11 @@ static void evidence(qm_http_req_t *req, qm_http_resp_t *resp, void *ctx) {
   json_t *timeline = json_array();
   int shown = n > EVIDENCE_MAX_RECORDS ? EVIDENCE_MAX_RECORDS : n;
   for (int i = 0; i < shown; i++) {
-    json_t *rec = record_json(res, i, false);
-    unsigned char *bytes = NULL;
-    size_t len = 0;
-    qm_pg_get_bytes(res, i, 15, &bytes, &len);
     audit_payload_t pl;
-    audit_payload_decode(qm_pg_get(res, i, 4), bytes, len, &pl);
+    json_t *rec = record_json(res, i, false, &pl);
     evidence_add(&e, &pl, json_integer_value(json_object_get(rec, "event_time_ms")),
                  qm_pg_get(res, i, 5));
     audit_payload_clear(&pl);
-    free(bytes);
     json_array_append_new(timeline, rec);
   }
   json_t *chains = json_array();
@@ -698,7 +698,7 @@ static int export_fetch(export_stream_t *x) {
         csv_field(x, v, c + 1 == QM_ARRAY_LEN(csv_columns));
       }
     } else if (x->format == EXPORT_JSONL) {
-      json_t *j = record_json(res, i, true);
+      json_t *j = record_json(res, i, true, NULL);
       json_line(x, j);
       json_decref(j);
     } else {
